@@ -1,0 +1,34 @@
+"""lightning-autodp: differentially private training in PyTorch Lightning with automatic clipping.
+
+Importing the package registers ``strategy="dp_auto"`` with Lightning::
+
+    import lightning as L
+    import lightning_autodp
+
+    trainer = L.Trainer(strategy="dp_auto", callbacks=[lightning_autodp.PrivacyBudget(target_epsilon=3.0)])
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_autodp.clipping import clip_factors
+from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch
+from lightning_autodp.strategy import DPAutoStrategy
+
+__version__ = "0.1.0.dev0"
+
+if DPAutoStrategy.strategy_name not in StrategyRegistry:
+    DPAutoStrategy.register_strategies(StrategyRegistry)
+
+__all__ = [
+    "DPAutoStrategy",
+    "DistributedPoissonBatchSampler",
+    "EmptyBatch",
+    "clip_factors",
+]
+
+try:  # written alongside; keep the strategy importable while it is
+    from lightning_autodp.callbacks import PrivacyBudget  # noqa: F401
+
+    __all__.append("PrivacyBudget")
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,67 @@
+"""Per-example clipping factors.
+
+Given the per-example gradient norms ``||g_i||`` over all trainable parameters together, each
+example's gradient is scaled by a factor ``C_i`` so that ``||C_i g_i|| <= R`` (``R`` is
+``max_grad_norm``). The clipped sum ``sum_i C_i g_i`` then changes by at most ``R`` when one
+example is added or removed, which is what Gaussian noise of standard deviation ``sigma * R`` is
+calibrated for: the privacy accounting is the same for every mode below.
+
+=========  ==============================  ==========================================================
+mode       ``C_i``                         notes
+=========  ==============================  ==========================================================
+auto_s     ``R / (||g_i|| + gamma)``       Bu et al. 2023 ("automatic clipping", stable). Default.
+auto_v     ``R / ||g_i||``                 Every example normalised to norm ``R``; 0 where g_i = 0.
+abadi      ``min(1, R / ||g_i||)``         Abadi et al. 2016, the classic threshold (Opacus).
+=========  ==============================  ==========================================================
+
+Under AUTO-S and AUTO-V every factor is proportional to ``R``: with Adam-type optimisers ``R``
+drops out of the update, with SGD it folds into the learning rate. ``gamma`` keeps examples with
+tiny gradients from being blown up to norm ``R`` (and gives the convergence guarantee).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ClippingMode = Literal["auto_s", "auto_v", "abadi"]
+CLIPPING_MODES: tuple[str, ...] = ("auto_s", "auto_v", "abadi")
+
+
+def validate_clipping(clipping: str, max_grad_norm: float, gamma: float) -> None:
+    """Raise a ``ValueError`` naming the fix for an unusable clipping configuration."""
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(
+            f"Unknown clipping={clipping!r}. Use one of {', '.join(map(repr, CLIPPING_MODES))}: "
+            "'auto_s' (default, R/(||g||+gamma)), 'auto_v' (R/||g||) or 'abadi' (min(1, R/||g||))."
+        )
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}. It is the clipping bound R.")
+    if clipping == "auto_s" and not gamma > 0:
+        raise ValueError(
+            f"gamma must be > 0 with clipping='auto_s', got {gamma}. Use the default gamma=0.01, "
+            "or clipping='auto_v' for pure normalisation without a stability constant."
+        )
+
+
+def clip_factors(norms: Tensor, clipping: ClippingMode, max_grad_norm: float, gamma: float = 0.01) -> Tensor:
+    """The factors ``C_i`` for per-example gradient norms ``norms`` (shape ``(b,)``).
+
+    Example::
+
+        >>> clip_factors(torch.tensor([0.5, 2.0]), "abadi", 1.0)
+        tensor([1.0000, 0.5000])
+    """
+    norms = norms.to(torch.float32)
+    if clipping == "auto_s":
+        return max_grad_norm / (norms + gamma)
+    if clipping == "auto_v":
+        # An example with exactly zero gradient contributes nothing, not R/0.
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        return torch.where(norms > 0, max_grad_norm / safe, torch.zeros_like(norms))
+    if clipping == "abadi":
+        # Same form as Opacus's DPOptimizer.clip_and_accumulate.
+        return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    raise ValueError(f"Unknown clipping mode {clipping!r}")

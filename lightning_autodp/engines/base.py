@@ -1,0 +1,104 @@
+"""The contract between :class:`~lightning_autodp.DPAutoStrategy` and a per-sample engine.
+
+An engine attaches to the user's module *in place* (no wrapper, so ``state_dict`` keys stay
+unchanged) and, for each micro-batch, turns what one backward pass saw into
+
+* the per-example squared gradient norms ``||g_i||^2`` over every trainable parameter, and
+* the weighted sum ``sum_i w_i g_i`` for weights ``w_i`` that the strategy chooses after seeing
+  the norms (the clipping factors, rescaled for the loss reduction).
+
+Engines know nothing about clipping, noise or loss reduction: ``g_i`` is the *raw* per-example
+gradient of whatever scalar was backpropagated (a mean loss divided by ``accumulate_grad_batches``
+and possibly multiplied by a GradScaler). The strategy owns the rescaling, so every engine is
+exact under the same arithmetic and can be tested against the same per-example loop.
+
+The life cycle of one micro-batch::
+
+    with engine.capturing():          # forward + backward of the training step
+        loss.backward()
+    sq_norms = engine.per_sample_squared_norms()      # (b,)
+    weights = clip_factors(...) / scale               # strategy
+    engine.accumulate_weighted_sum(weights, summed)   # summed[p] += sum_i w_i g_i[p]
+    engine.reset()                                     # free activations / per-sample state
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+class PerSampleEngine(ABC):
+    """Per-example gradient norms and weighted gradient sums for one module.
+
+    Args:
+        module: the module to attach to, in place. Only parameters with ``requires_grad=True``
+            at construction time are handled; frozen ones get no per-sample work and no noise.
+    """
+
+    #: short name used by ``DPAutoStrategy(engine=...)``
+    name: str = "base"
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params: list[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        self._capturing = False
+
+    @classmethod
+    @abstractmethod
+    def unsupported_modules(cls, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Submodules with trainable parameters of their own that this engine cannot handle.
+
+        Returned as ``(qualified_name, submodule)`` pairs; an empty list means the engine can
+        handle every trainable parameter of ``module``.
+        """
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Record activations and output gradients only inside this context (training steps)."""
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """Number of examples (rows) in the micro-batch captured since the last :meth:`reset`."""
+
+    @abstractmethod
+    def per_sample_squared_norms(self) -> Tensor:
+        """``||g_i||^2`` summed over all trainable parameters, shape ``(batch_size,)``.
+
+        In at least float32 (float64 for a float64 model), whatever the autocast dtype.
+        """
+
+    @abstractmethod
+    def accumulate_weighted_sum(self, weights: Tensor, summed: dict[nn.Parameter, Tensor]) -> None:
+        """Add ``sum_i weights[i] * g_i[p]`` into ``summed[p]`` for each trainable parameter ``p``.
+
+        ``summed`` holds tensors shaped like the parameters in at least float32; missing entries
+        are created (see :func:`add_into`).
+        """
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop everything captured for the current micro-batch."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Detach from the module (remove hooks, restore patched forwards)."""
+
+
+def add_into(summed: dict[nn.Parameter, Tensor], param: nn.Parameter, value: Tensor) -> None:
+    """``summed[param] += value`` in at least float32, creating the entry on first use."""
+    value = value.to(torch.promote_types(value.dtype, torch.float32))
+    if param in summed:
+        summed[param].add_(value)
+    else:
+        summed[param] = value.clone()

@@ -1,0 +1,189 @@
+"""The exact fallback engine: Opacus's per-sample gradient hooks, attached in place.
+
+Opacus's :class:`~opacus.grad_sample.GradSampleModule` registers forward and backward hooks on
+every submodule with trainable parameters and materialises ``p.grad_sample`` (shape
+``(b, *p.shape)``) during backward, with a registry of exact per-layer rules and a functorch
+fallback for layers it has no rule for. Here the wrapper object only owns the hooks: the user's
+module is still called directly by Lightning, so its ``state_dict`` keys keep no ``_module.``
+prefix and a checkpoint loads into the plain model.
+
+Cost: ``b`` times the parameter memory per micro-batch. :mod:`lightning_autodp.engines.bk` does
+the same job from one backward pass without per-example gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_autodp.engines.base import PerSampleEngine, add_into
+
+
+_HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _hook_free(layer: nn.Module) -> nn.Module:
+    """A shallow copy of ``layer`` without hooks, for functional re-computation under vmap."""
+    if layer not in _HOOK_FREE_COPIES:
+        plain = copy.copy(layer)
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            setattr(plain, attr, OrderedDict())
+        for attr in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            if hasattr(plain, attr):
+                setattr(plain, attr, OrderedDict())
+        _HOOK_FREE_COPIES[layer] = plain
+    plain = _HOOK_FREE_COPIES[layer]
+    plain.training = False
+    return plain
+
+
+def _mha_grad_sample(layer: nn.MultiheadAttention, activations: list[Tensor], backprops: Tensor) -> dict:
+    """Per-example gradients of ``nn.MultiheadAttention`` by vmap over its functional forward.
+
+    Opacus has no rule for this layer (its functorch fallback passes one input and drops the
+    masks), and its ``DPMultiheadAttention`` renames parameters. The call's own query, key, value
+    and keyword arguments (masks) are recorded by a pre-hook, so the re-computation is exact.
+    """
+    args, kwargs = layer._dp_calls.pop()
+    query, key, value = (list(args) + [kwargs.pop(k) for k in ("query", "key", "value") if k in kwargs])[:3]
+    key_padding_mask = kwargs.pop("key_padding_mask", None)
+    kwargs["need_weights"] = False
+    params = {name: p.detach() for name, p in layer.named_parameters() if p.requires_grad}
+
+    def output_dot_backprop(params, q, k, v, mask, backprop):
+        batched = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+        extra = {} if mask is None else {"key_padding_mask": mask.unsqueeze(0)}
+        out = functional_call(plain, params, batched, {**kwargs, **extra})[0]
+        return (out * backprop.unsqueeze(0)).sum()
+
+    in_dims = (None, 0, 0, 0, None if key_padding_mask is None else 0, 0)
+    # Eval mode: attention dropout cannot be replayed. The clipped sum is built from these very
+    # gradients, so the sensitivity bound holds exactly; only attention dropout is left out.
+    plain = _hook_free(layer)
+    per_example = vmap(grad(output_dot_backprop), in_dims=in_dims)(
+        params, query.detach(), key.detach(), value.detach(), key_padding_mask, backprops
+    )
+    named = dict(layer.named_parameters())
+    return {named[name]: g for name, g in per_example.items()}
+
+
+class _InPlaceGradSampleModule(GradSampleModule):
+    """Opacus's hooks, with a rule for ``nn.MultiheadAttention`` (batch_first) of our own.
+
+    A subclass, so that Opacus's global registry stays untouched for the user's other code.
+    """
+
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.MultiheadAttention: _mha_grad_sample}
+
+
+class HooksEngine(PerSampleEngine):
+    """Per-example gradients from Opacus's hooks (exact, broad layer coverage).
+
+    Example::
+
+        engine = HooksEngine(model)
+        with engine.capturing():
+            model(x).sum().backward()
+        sq_norms = engine.per_sample_squared_norms()
+    """
+
+    name = "hooks"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        # loss_reduction="sum": the engine reports raw per-example gradients of what was
+        # backpropagated; the strategy owns the rescaling for mean losses and accumulation.
+        # strict=False: buffers (positional encodings, running stats) are validated by the
+        # strategy with errors of its own; BatchNorm is rejected there.
+        self._gsm = _InPlaceGradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
+        self._gsm.disable_hooks()
+        self._handles = [
+            m.register_forward_pre_hook(self._record_mha_call, with_kwargs=True)
+            for m in module.modules()
+            if isinstance(m, nn.MultiheadAttention)
+        ]
+
+    def _record_mha_call(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._capturing and layer.training and torch.is_grad_enabled():
+            if not hasattr(layer, "_dp_calls"):
+                layer._dp_calls = []
+            layer._dp_calls.append((tuple(args), dict(kwargs)))
+
+    @classmethod
+    def unsupported_modules(cls, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        # Layers without an Opacus rule fall back to functorch, which handles any layer that
+        # is a pure function of one batch-first input and its parameters.
+        return [
+            (name, m)
+            for name, m in module.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and not m.batch_first and any(p.requires_grad for p in m.parameters())
+        ]
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        self._gsm.enable_hooks()
+        try:
+            with super().capturing():
+                yield
+        finally:
+            self._gsm.disable_hooks()
+
+    def _grad_samples(self) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        for p in self.params:
+            grad_sample = getattr(p, "grad_sample", None)
+            if grad_sample is None:
+                continue
+            if isinstance(grad_sample, list):  # several backward passes without reset
+                grad_sample = torch.cat(grad_sample, dim=0)
+            yield p, grad_sample
+
+    @property
+    def batch_size(self) -> int:
+        for _, grad_sample in self._grad_samples():
+            return grad_sample.shape[0]
+        return 0
+
+    def per_sample_squared_norms(self) -> Tensor:
+        sq_norms: Tensor | None = None
+        for _, grad_sample in self._grad_samples():
+            layer_sq = grad_sample.reshape(grad_sample.shape[0], -1).to(torch.promote_types(grad_sample.dtype, torch.float32)).pow(2).sum(dim=1)
+            sq_norms = layer_sq if sq_norms is None else sq_norms + layer_sq
+        if sq_norms is None:
+            return torch.zeros(0)
+        return sq_norms
+
+    def accumulate_weighted_sum(self, weights: Tensor, summed: dict[nn.Parameter, Tensor]) -> None:
+        for p, grad_sample in self._grad_samples():
+            w = weights.to(device=grad_sample.device, dtype=grad_sample.dtype)
+            add_into(summed, p, torch.einsum("i,i...->...", w, grad_sample))
+
+    def reset(self) -> None:
+        for p in self.params:
+            p.grad_sample = None
+            if hasattr(p, "_current_grad_sample"):
+                p._current_grad_sample = None
+        for module in self.module.modules():
+            if hasattr(module, "activations"):
+                module.activations = []
+            if hasattr(module, "_dp_calls"):
+                module._dp_calls = []
+
+    def remove(self) -> None:
+        self.reset()
+        self._gsm.remove_hooks()
+        for handle in self._handles:
+            handle.remove()
+        for module in self.module.modules():
+            for attr in ("_dp_calls", "activations", "max_batch_len"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
