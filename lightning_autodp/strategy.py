@@ -205,7 +205,8 @@ class DPAutoStrategy(DDPStrategy):
             _sync_module_states(module)  # what DDP's constructor would do: rank 0's weights everywhere
         self._engine = make_engine(self.engine, module)
         rank_zero_info(
-            f"dp_auto: engine={self._engine.name}, clipping={self.clipping}, max_grad_norm={self.max_grad_norm}"
+            f"dp_auto: engine={self._engine.name}, clipping={self.clipping}, "
+            f"max_grad_norm={self.max_grad_norm}"
             + (f", gamma={self.gamma}" if self.clipping == "auto_s" else "")
             + f", poisson_sampling={self.poisson_sampling}"
         )
@@ -299,7 +300,9 @@ class DPAutoStrategy(DDPStrategy):
         self._capture.enter_context(self._engine.capturing())
         return super().training_step(*args, **kwargs)
 
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
         """Backward, then clip this micro-batch's examples and add them to the step's sum."""
         if not self._grad_scaler_active() and not torch.isfinite(closure_loss).all():
             self._close_capture()
@@ -311,7 +314,8 @@ class DPAutoStrategy(DDPStrategy):
         if closure_loss.dim() != 0:
             self._close_capture()
             raise ValueError(
-                f"training_step must return a scalar loss for dp_auto, got shape {tuple(closure_loss.shape)}. "
+                "training_step must return a scalar loss for dp_auto, got shape "
+                f"{tuple(closure_loss.shape)}. "
                 "Reduce it with .mean() (loss_reduction='mean') or .sum() (loss_reduction='sum')."
             )
         try:

@@ -42,7 +42,9 @@ def make_case(name: str, n: int = 8) -> tuple[nn.Module, Tensor, Tensor]:
         )
         x = torch.randn(n, 2, 6, 6, generator=g)
     elif name == "transformer":
-        layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True
+        )
         net = nn.Sequential(layer, MeanPool(), nn.Linear(8, 3))
         x = torch.randn(n, 4, 8, generator=g)
     else:

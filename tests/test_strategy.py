@@ -17,7 +17,9 @@ ENGINES = ["hooks", "bk"]
 CLIPPINGS = ["auto_s", "auto_v", "abadi"]
 
 
-def _one_sgd_step(net, x, y, *, engine, clipping, max_grad_norm, reduction="mean", batch_size=8, accumulate=1):
+def _one_sgd_step(
+    net, x, y, *, engine, clipping, max_grad_norm, reduction="mean", batch_size=8, accumulate=1
+):
     model = Classifier(copy.deepcopy(net), reduction=reduction, optimizer="sgd", lr=1.0)
     before = [p.detach().clone() for p in model.net.parameters()]
     strategy = DPAutoStrategy(
@@ -76,11 +78,20 @@ def test_sum_reduction_and_accumulation(case, engine):
     grads, norms = _reference(net, x, y, len(x), "auto_s", 1.0)
     expected = reference_clipped_mean(grads, "abadi", norms.median().item(), 0.01, batch_size=8)
     # sum reduction, one batch of 8
-    update = _one_sgd_step(net, x, y, engine=engine, clipping="abadi", max_grad_norm=norms.median().item(), reduction="sum")
+    update = _one_sgd_step(
+        net, x, y, engine=engine, clipping="abadi", max_grad_norm=norms.median().item(), reduction="sum"
+    )
     _assert_close(update, expected)
     # mean reduction, two micro-batches of 4 accumulated into one optimizer step
     update = _one_sgd_step(
-        net, x, y, engine=engine, clipping="abadi", max_grad_norm=norms.median().item(), batch_size=4, accumulate=2
+        net,
+        x,
+        y,
+        engine=engine,
+        clipping="abadi",
+        max_grad_norm=norms.median().item(),
+        batch_size=4,
+        accumulate=2,
     )
     _assert_close(update, expected)
 
@@ -118,7 +129,9 @@ def test_max_grad_norm_drops_out_under_adam(engine):
     def train(max_grad_norm, clipping):
         torch.manual_seed(0)
         model = Classifier(copy.deepcopy(net), optimizer="adam", lr=1e-2)
-        strategy = DPAutoStrategy(noise_multiplier=1.0, max_grad_norm=max_grad_norm, clipping=clipping, engine=engine)
+        strategy = DPAutoStrategy(
+            noise_multiplier=1.0, max_grad_norm=max_grad_norm, clipping=clipping, engine=engine
+        )
         quiet_trainer(strategy=strategy, max_steps=5).fit(model, loader(x, y, batch_size=16))
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 

@@ -36,7 +36,8 @@ def make_engine(name: str, module: nn.Module) -> PerSampleEngine:
             names = ", ".join(f"{qualname} ({type(m).__name__})" for qualname, m in unsupported)
             raise ValueError(
                 f"engine='hooks' does not support these trainable layers: {names}. "
-                "Build nn.MultiheadAttention / nn.Transformer* layers with batch_first=True, or use engine='bk'."
+                "Build nn.MultiheadAttention / nn.Transformer* layers with batch_first=True, "
+                "or use engine='bk'."
             )
         return HooksEngine(module)
     bk = _bk_engine_class()

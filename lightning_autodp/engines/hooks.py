@@ -18,7 +18,6 @@ import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_autodp.engines.base import PerSampleEngine, add_into
-
 
 _HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
@@ -38,7 +36,11 @@ def _hook_free(layer: nn.Module) -> nn.Module:
         plain = copy.copy(layer)
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             setattr(plain, attr, OrderedDict())
-        for attr in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        for attr in (
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks_with_kwargs",
+        ):
             if hasattr(plain, attr):
                 setattr(plain, attr, OrderedDict())
         _HOOK_FREE_COPIES[layer] = plain
@@ -126,7 +128,9 @@ class HooksEngine(PerSampleEngine):
         return [
             (name, m)
             for name, m in module.named_modules()
-            if isinstance(m, nn.MultiheadAttention) and not m.batch_first and any(p.requires_grad for p in m.parameters())
+            if isinstance(m, nn.MultiheadAttention)
+            and not m.batch_first
+            and any(p.requires_grad for p in m.parameters())
         ]
 
     @contextlib.contextmanager
@@ -156,7 +160,12 @@ class HooksEngine(PerSampleEngine):
     def per_sample_squared_norms(self) -> Tensor:
         sq_norms: Tensor | None = None
         for _, grad_sample in self._grad_samples():
-            layer_sq = grad_sample.reshape(grad_sample.shape[0], -1).to(torch.promote_types(grad_sample.dtype, torch.float32)).pow(2).sum(dim=1)
+            layer_sq = (
+                grad_sample.reshape(grad_sample.shape[0], -1)
+                .to(torch.promote_types(grad_sample.dtype, torch.float32))
+                .pow(2)
+                .sum(dim=1)
+            )
             sq_norms = layer_sq if sq_norms is None else sq_norms + layer_sq
         if sq_norms is None:
             return torch.zeros(0)

@@ -1,0 +1,120 @@
+"""Runs one DP training on 1 or 2 CPU processes (gloo); each rank writes what it saw as JSON.
+
+Used by test_ddp.py through a subprocess: Lightning's launcher re-runs this script for rank 1.
+    python tests/ddp_worker.py MODE DEVICES OUTDIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightning_autodp import DPAutoStrategy  # noqa: E402
+
+
+class Recorder(L.Callback):
+    """Keeps the gradient the optimizer sees at every step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).tolist())
+
+
+class Model(L.LightningModule):
+    def __init__(self, zero_gradient: bool = False, hidden: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+        self.zero_gradient = zero_gradient
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        return 0.0 * loss if self.zero_gradient else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def data(n: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(
+        torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    )
+
+
+def main(mode: str, devices: int, outdir: str) -> None:
+    L.seed_everything(42, verbose=False)
+    engine = os.environ.get("DP_ENGINE", "auto")
+    recorder = Recorder()
+    callbacks = [recorder]
+    kwargs = dict(
+        accelerator="cpu",
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="64-true",
+    )
+    # noise: ~10^4 coordinates per step, so the std is measured to about 1%
+    model = Model(zero_gradient=(mode == "noise"), hidden=1000 if mode == "noise" else 8)
+    if mode == "exact":
+        # sigma = 0, no Poisson: one step per epoch over all 16 examples (8 per rank on 2 ranks)
+        strategy = DPAutoStrategy(
+            engine=engine, noise_multiplier=0.0, poisson_sampling=False, clipping="abadi", max_grad_norm=0.5
+        )
+        loader = DataLoader(data(16), batch_size=16 // devices)
+        trainer = L.Trainer(strategy=strategy, max_epochs=3, callbacks=callbacks, **kwargs)
+    elif mode == "noise":
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=2.0)
+        loader = DataLoader(data(64), batch_size=16 // devices)
+        trainer = L.Trainer(strategy=strategy, max_steps=4, callbacks=callbacks, **kwargs)
+    elif mode == "empty":
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=1.0)
+        loader = DataLoader(data(20), batch_size=1)
+        trainer = L.Trainer(strategy=strategy, max_epochs=2, callbacks=callbacks, **kwargs)
+    elif mode == "accumulate":
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=0.0, poisson_sampling=False)
+        loader = DataLoader(data(16), batch_size=8 // devices)
+        trainer = L.Trainer(
+            strategy=strategy, max_epochs=2, accumulate_grad_batches=2, callbacks=callbacks, **kwargs
+        )
+    elif mode == "budget":
+        from lightning_autodp import PrivacyBudget
+
+        budget = PrivacyBudget(target_epsilon=2.0, delta=1e-3, accountant="rdp")
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=0.8)
+        loader = DataLoader(data(64), batch_size=16 // devices)
+        trainer = L.Trainer(strategy=strategy, max_epochs=1000, callbacks=[recorder, budget], **kwargs)
+    else:
+        raise KeyError(mode)
+    trainer.fit(model, loader)
+    out = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "steps": strategy.steps,
+        "sample_rate": strategy.sample_rate if strategy.poisson_sampling else None,
+        "expected_batch_size": strategy.expected_batch_size if strategy.poisson_sampling else None,
+        "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+        "grads": recorder.grads,
+        "global_step": trainer.global_step,
+    }
+    if mode == "budget":
+        out["epsilon"] = budget.epsilon
+    with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,68 @@
+"""Two-process DDP on CPU (gloo): the update and the noise equal those of one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def run(mode: str, devices: int, tmp_path: Path) -> list[dict]:
+    subprocess.run(
+        [sys.executable, str(WORKER), mode, str(devices), str(tmp_path)],
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
+    return [json.loads((tmp_path / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+
+
+def _rel(a, b) -> float:
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_two_ranks_equal_one_process_on_the_union(tmp_path):
+    one = run("exact", 1, tmp_path)[0]
+    rank0, rank1 = run("exact", 2, tmp_path)
+    assert rank0["world_size"] == 2 and rank0["steps"] == rank1["steps"] == one["steps"] == 3
+    assert rank0["params"] == rank1["params"]
+    assert _rel(rank0["params"], one["params"]) < 1e-5
+
+
+def test_accumulation_under_ddp_equals_one_process(tmp_path):
+    one = run("accumulate", 1, tmp_path)[0]
+    rank0, rank1 = run("accumulate", 2, tmp_path)
+    assert rank0["steps"] == one["steps"] == 2
+    assert rank0["params"] == rank1["params"]
+    assert _rel(rank0["params"], one["params"]) < 1e-5
+
+
+def test_noise_enters_once_across_ranks(tmp_path):
+    rank0, rank1 = run("noise", 2, tmp_path)
+    sigma, max_grad_norm = 1.0, 2.0
+    assert rank0["expected_batch_size"] == pytest.approx(16.0)  # q * N = (8 per rank * 2) / 64 * 64
+    expected = sigma * max_grad_norm / rank0["expected_batch_size"]
+    grads = torch.tensor(rank0["grads"])
+    assert grads.shape[0] == 4
+    for step in grads:
+        # sqrt(2) times too much if every rank drew noise; 2 times if all drew the same
+        assert abs(step.std().item() / expected - 1) < 0.03
+    assert rank0["grads"] == rank1["grads"]  # both ranks hand the optimizer the same gradient
+    assert rank0["params"] == rank1["params"]
+    # fresh noise every step
+    corr = torch.corrcoef(grads)[0, 1:]
+    assert (corr.abs() < 0.05).all()
+
+
+def test_empty_batches_on_a_rank_do_not_hang(tmp_path):
+    rank0, rank1 = run("empty", 2, tmp_path)
+    # q = 2 / 20: 10 steps an epoch, and a rank's 10-example shard is often empty
+    assert rank0["steps"] == rank1["steps"] == 20
+    assert rank0["params"] == rank1["params"]
