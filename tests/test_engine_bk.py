@@ -1,0 +1,323 @@
+"""The book-keeping engine against a per-example loop (one forward + backward per example)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import per_example_gradients
+from torch import Tensor, nn
+
+from lightning_autodp.engines.bk import BookKeepingEngine
+
+LossFn = Callable[[nn.Module, Tensor], Tensor]  # (net, inputs) -> per-example losses (b,)
+
+
+class Pool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1)
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head share one weight; the embedding is also called twice."""
+
+    def __init__(self, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.embedding(ids))) + self.embedding(ids.flip(1))
+        return self.head(h)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, batch_first: bool, cross: bool = False, need_weights: bool = False) -> None:
+        super().__init__()
+        self.batch_first, self.cross, self.need_weights = batch_first, cross, need_weights
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.memory = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        kv = self.memory(x.flip(0 if not self.batch_first else 1)) if self.cross else x
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0 if not self.batch_first else 1]).to(x)
+        out, _ = self.attn(x, kv, kv, attn_mask=mask, need_weights=self.need_weights)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class SeqFirstEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
+def _ce(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out = net(x)
+    if out.dim() == 3:  # (b, T, classes): per-example mean over tokens
+        return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _case(name: str, n: int = 6) -> tuple[nn.Module, Tensor, LossFn]:
+    g = torch.Generator().manual_seed(3)
+    seq_labels = None
+    if name == "linear":
+        net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        x = torch.randn(n, 6, generator=g)
+    elif name == "linear3d_ghost":  # T^2 (d + p) < T d p
+        net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), Pool(), nn.Linear(16, 3))
+        x = torch.randn(n, 3, 16, generator=g)
+    elif name == "linear3d_materialised":  # T^2 (d + p) > T d p
+        net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), Pool(), nn.Linear(3, 3))
+        x = torch.randn(n, 9, 2, generator=g)
+    elif name == "linear4d":
+        net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(1), nn.Linear(3 * 2 * 5, 3))
+        x = torch.randn(n, 3, 2, 4, generator=g)
+    elif name == "embedding":
+        net = nn.Sequential(nn.Embedding(7, 4, padding_idx=0), Pool(), nn.Linear(4, 3))
+        x = torch.randint(0, 7, (n, 9), generator=g)  # repeated ids within an example
+    elif name == "conv1d":
+        net = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+        x = torch.randn(n, 2, 7, generator=g)
+    elif name == "conv2d":
+        net = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding="same", dilation=2), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
+            nn.Flatten(), nn.Linear(2 * 3 * 3, 3),
+        )  # fmt: skip
+        x = torch.randn(n, 2, 6, 6, generator=g)
+    elif name == "layernorm":
+        net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), Pool(), nn.Linear(8, 3))
+        x = torch.randn(n, 5, 6, generator=g)
+    elif name == "layernorm2d":
+        net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+        x = torch.randn(n, 6, generator=g)
+    elif name == "groupnorm":
+        net = nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+        )
+        x = torch.randn(n, 2, 6, 6, generator=g)
+    elif name == "rmsnorm":
+        net = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.Tanh(), Pool(), nn.Linear(8, 3))
+        x = torch.randn(n, 5, 6, generator=g)
+    elif name in ("mha", "mha_seq_first", "mha_cross", "mha_weights"):
+        attn = SelfAttention(
+            batch_first=name != "mha_seq_first", cross=name == "mha_cross", need_weights=name == "mha_weights"
+        )
+        net = nn.Sequential(attn, nn.Tanh(), Pool(), nn.Linear(8, 3))
+        x = torch.randn(n, 5, 8, generator=g)
+    elif name == "encoder_layer":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        net = nn.Sequential(layer, Pool(), nn.Linear(8, 3))
+        x = torch.randn(n, 5, 8, generator=g)
+    elif name == "encoder_layer_seq_first":
+        net = nn.Sequential(SeqFirstEncoder(), Pool(), nn.Linear(8, 3))
+        x = torch.randn(n, 5, 8, generator=g)
+    elif name == "tied":
+        net = TiedLM()
+        x = torch.randint(0, 11, (n, 5), generator=g)
+        seq_labels = torch.randint(0, 11, (n, 5), generator=g)
+    elif name == "demo_transformer":
+        from lightning.pytorch.demos import Transformer
+
+        net = Transformer(vocab_size=13, ninp=8, nhead=2, nhid=16, nlayers=1, dropout=0.0)
+        x = torch.randint(0, 13, (n, 5), generator=g)
+        targets = torch.randint(0, 13, (n, 5), generator=g)
+
+        def demo_loss(m: nn.Module, ids: Tensor) -> Tensor:
+            idx = _rows(ids, x)
+            out = m(ids, ids).view(ids.shape[0], ids.shape[1], -1)
+            return F.nll_loss(out.transpose(1, 2), targets[idx], reduction="none").mean(1)
+
+        return net.double(), x, demo_loss
+    else:
+        raise KeyError(name)
+    labels = seq_labels if seq_labels is not None else torch.randint(0, 3, (n,), generator=g)
+
+    def loss(m: nn.Module, inputs: Tensor) -> Tensor:
+        return _ce(m, inputs, labels[_rows(inputs, x)])
+
+    net = net.double()
+    return net, (x.double() if x.is_floating_point() else x), loss
+
+
+def _rows(inputs: Tensor, full: Tensor) -> Tensor:
+    """Which examples of ``full`` ``inputs`` holds (the reference feeds one example at a time)."""
+    if inputs.shape[0] == full.shape[0]:
+        return torch.arange(full.shape[0])
+    matches = [i for i in range(full.shape[0]) if torch.equal(full[i : i + 1].to(inputs.dtype), inputs)]
+    return torch.tensor(matches[:1])
+
+
+def _reference(net: nn.Module, x: Tensor, loss: LossFn) -> tuple[list[nn.Parameter], list[list[Tensor]]]:
+    grads = per_example_gradients(net, lambda m, i: loss(m, x[i : i + 1]).sum(), x.shape[0])
+    return [p for p in net.parameters() if p.requires_grad], grads
+
+
+def _engine_outputs(net: nn.Module, x: Tensor, loss: LossFn, weights: Tensor):
+    engine = BookKeepingEngine(net)
+    with engine.capturing():
+        loss(net, x).sum().backward()
+    sq_norms = engine.per_sample_squared_norms()
+    summed: dict[nn.Parameter, Tensor] = {}
+    engine.accumulate_weighted_sum(weights, summed)
+    batch = engine.batch_size
+    engine.reset()
+    return engine, sq_norms, summed, batch
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+CASES = [
+    "linear", "linear3d_ghost", "linear3d_materialised", "linear4d", "embedding", "conv1d", "conv2d",
+    "layernorm", "layernorm2d", "groupnorm", "rmsnorm", "mha", "mha_seq_first", "mha_cross", "mha_weights",
+    "encoder_layer", "encoder_layer_seq_first", "tied", "demo_transformer",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_norms_and_weighted_sum_match_per_example_loop(case):
+    net, x, loss = _case(case)
+    ref_net = copy.deepcopy(net)
+    params, grads = _reference(ref_net, x, loss)
+    ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    weights = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    engine, sq_norms, summed, batch = _engine_outputs(net, x, loss, weights)
+
+    assert batch == x.shape[0]
+    assert sq_norms.dtype == torch.float64
+    assert _rel(sq_norms, ref_sq) < 1e-10
+    own = [p for p in net.parameters() if p.requires_grad]
+    assert len(own) == len(params)
+    for k, p in enumerate(own):
+        expected = sum(w * gi[k] for w, gi in zip(weights, grads))
+        got = summed.get(p, torch.zeros_like(p))
+        assert _rel(got, expected) < 1e-10, f"parameter {k} {tuple(p.shape)}"
+        # autograd never computed the non-private gradient of a handled parameter
+        assert p.grad is None
+    engine.remove()
+
+
+def test_tied_weights_include_cross_terms():
+    """Without the cross term <g_emb, g_head> the norm would be wrong: check it is not negligible."""
+    net, x, loss = _case("tied")
+    params, grads = _reference(copy.deepcopy(net), x, loss)
+    shared = [k for k, p in enumerate(net.parameters()) if p is net.embedding.weight][0]
+    engine, sq_norms, _, _ = _engine_outputs(net, x, loss, torch.ones(x.shape[0], dtype=torch.float64))
+    # The same model with the weight untied: each copy's norm separately, no cross term.
+    untied = copy.deepcopy(net)
+    untied.head.weight = nn.Parameter(untied.embedding.weight.detach().clone())
+    _, untied_sq, _, _ = _engine_outputs(untied, x, loss, torch.ones(x.shape[0], dtype=torch.float64))
+    ref = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    assert _rel(sq_norms, ref) < 1e-10
+    assert _rel(untied_sq, ref) > 1e-3  # the cross terms matter in this test
+    assert all(gi[shared].abs().sum() > 0 for gi in grads)
+    engine.remove()
+
+
+def test_frozen_and_unused_parameters():
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 2)).double()
+    net[0].weight.requires_grad_(False)  # frozen weight, trainable bias
+    unused = net[3]  # never called: zero contribution
+
+    def loss(m: nn.Module, x: Tensor) -> Tensor:
+        return m[2](m[1](m[0](x))).pow(2).sum(1)
+
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    params, grads = _reference(copy.deepcopy(net), x, loss)
+    engine, sq_norms, summed, _ = _engine_outputs(net, x, loss, torch.ones(5, dtype=torch.float64))
+    assert all(p is not net[0].weight for p in engine.params)
+    ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    assert _rel(sq_norms, ref_sq) < 1e-10
+    assert net[0].weight not in summed and unused.weight not in summed
+    assert net[0].weight.grad is None
+    assert _rel(summed[net[0].bias], sum(gi[0] for gi in grads)) < 1e-10
+    engine.remove()
+
+
+def test_unhandled_upstream_layers_get_correct_input_gradients():
+    """A layer the engine does not touch (a frozen-free custom op) upstream still gets dL/dx."""
+    g = torch.Generator().manual_seed(0)
+    scale = nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+
+    def run(m: nn.Module) -> Tensor:
+        return m(x * scale).pow(2).sum()
+
+    expected = torch.autograd.grad(run(copy.deepcopy(net)), scale)[0]
+    engine = BookKeepingEngine(net)
+    with engine.capturing():
+        got = torch.autograd.grad(run(net), scale)[0]
+    assert _rel(got, expected) < 1e-12
+    engine.remove()
+
+
+def test_functional_use_of_handled_weight_is_an_error():
+    net = nn.Sequential(nn.Linear(4, 4)).double()
+    engine = BookKeepingEngine(net)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with engine.capturing():
+        (net(x) + F.linear(x, net[0].weight)).sum().backward()
+    with pytest.raises(RuntimeError, match="engine='hooks'"):
+        engine.per_sample_squared_norms()
+    engine.remove()
+
+
+def test_remove_restores_module():
+    net, x, loss = _case("demo_transformer")
+    net.eval()
+    before = net(x, x).detach()
+    keys = list(net.state_dict())
+    engine = BookKeepingEngine(net)
+    net.train()
+    with engine.capturing():
+        loss(net, x).sum().backward()
+    engine.remove()
+    net.eval()
+    assert list(net.state_dict()) == keys
+    assert all("forward" not in m.__dict__ for m in net.modules())
+    assert torch.equal(net(x, x).detach(), before)
+
+
+def test_captured_forward_equals_original():
+    """The captured layers compute the same outputs as the original ones (training mode)."""
+    for case in ["encoder_layer", "mha_cross", "mha_weights", "conv2d", "groupnorm", "rmsnorm", "tied"]:
+        net, x, _ = _case(case)
+        expected = net(x)
+        engine = BookKeepingEngine(net)
+        with engine.capturing():
+            got = net(x)
+        assert _rel(got, expected) < 1e-12, case
+        engine.remove()
+
+
+def test_unsupported_layers_are_named():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Conv1d(4, 4, 1, groups=2), nn.LSTM(4, 4))
+    names = [n for n, _ in BookKeepingEngine.unsupported_modules(net)]
+    assert names == ["1", "2", "3"]
+    with pytest.raises(ValueError, match="engine='hooks'"):
+        BookKeepingEngine(net)
+    assert BookKeepingEngine.unsupported_modules(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))) == []
+
+
+def test_nothing_recorded_outside_capturing():
+    net = nn.Sequential(nn.Linear(4, 3)).double()
+    engine = BookKeepingEngine(net)
+    net(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    assert engine.batch_size == 0
+    assert net[0].weight.grad is not None  # ordinary training outside capture is untouched
+    engine.remove()

@@ -1,0 +1,177 @@
+"""The privacy report: PNG written at the end of fit, and redrawn from metrics.csv or a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from matplotlib.image import imread
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_autodp.report import (
+    PrivacyReport,
+    draw_privacy_report,
+    plot_privacy_report,
+    read_checkpoint_history,
+    read_metrics_csv,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png(path: Path, width: int | None = None) -> None:
+    assert path.is_file()
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5_000  # axes, curves and labels, not a blank canvas
+    image = imread(path)
+    if width is not None:
+        assert image.shape[1] == width
+    # Something is drawn: the picture is not a single colour.
+    assert float(image[..., :3].std()) > 0.01
+
+
+def _eps_at(epoch: int) -> float:
+    return 0.5 * math.sqrt(epoch + 1)
+
+
+class FakeBudget(Callback):
+    """Stands in for PrivacyBudget: same public surface (``epsilon``, ``history``, logged key)."""
+
+    target_epsilon = 2.0
+    delta = 1e-5
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, int, float]] = []
+
+    @property
+    def epsilon(self) -> float:
+        return self.history[-1][2] if self.history else 0.0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        eps = _eps_at(trainer.current_epoch)
+        self.history.append((trainer.current_epoch, trainer.global_step, eps))
+        pl_module.log("epsilon", eps, prog_bar=True)
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "target_epsilon": self.target_epsilon, "delta": self.delta}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+
+
+class TinyModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        acc = (self.layer(x).argmax(-1) == y).float().mean()
+        self.log("val_acc", acc)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+
+
+def _fit(tmp_path: Path, callbacks: list[Callback], epochs: int = 3) -> L.Trainer:
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=epochs,
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    trainer.fit(TinyModel(), _loader(), _loader())
+    return trainer
+
+
+def test_draw_writes_a_png(tmp_path: Path) -> None:
+    out = draw_privacy_report(
+        [(0, 0.5), (1, 0.8), (2, 1.0)], [(0, 0.6), (1, 0.7), (2, 0.75)], tmp_path / "sub" / "r.png",
+        target_epsilon=1.0, delta=1e-5,
+    )
+    assert out == tmp_path / "sub" / "r.png"
+    _assert_png(out, width=1000)  # two panels side by side at 10 x 4 inches, 100 dpi
+    only_eps = draw_privacy_report([(0, 0.5), (1, 0.8)], None, tmp_path / "eps.png")
+    _assert_png(only_eps, width=550)
+
+
+def test_draw_without_epsilon_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PrivacyBudget"):
+        draw_privacy_report([], [(0, 0.5)], tmp_path / "r.png")
+
+
+def test_report_at_end_of_fit_and_redraw_from_csv_and_checkpoint(tmp_path: Path) -> None:
+    budget, report = FakeBudget(), PrivacyReport(metric="val_acc")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _fit(tmp_path, [budget, report, ckpt], epochs=3)
+
+    # Written at the end of fit, into the logger's folder.
+    assert report.path == Path(trainer.log_dir) / "privacy_report.png"
+    _assert_png(report.path, width=1000)
+
+    # The CSV holds what the callbacks logged, one value per epoch.
+    eps, acc = read_metrics_csv(Path(trainer.log_dir) / "metrics.csv", "val_acc")
+    assert eps == [(float(e), pytest.approx(_eps_at(e))) for e in range(3)]
+    assert [e for e, _ in acc] == [0.0, 1.0, 2.0]
+    assert [v for _, v in acc] == pytest.approx([v for _, v in report.metric_history])
+    out = plot_privacy_report(trainer.log_dir, tmp_path / "from_csv.png")  # the folder works too
+    _assert_png(out, width=1000)
+
+    # The checkpoint carries both histories.
+    eps_c, acc_c, name, state = read_checkpoint_history(tmp_path / "ckpt" / "last.ckpt")
+    assert eps_c == [(float(e), pytest.approx(_eps_at(e))) for e in range(3)]
+    assert acc_c == [(float(e), pytest.approx(v)) for e, v in report.metric_history]
+    assert name == "val_acc" and state["target_epsilon"] == FakeBudget.target_epsilon
+    _assert_png(plot_privacy_report(tmp_path / "ckpt" / "last.ckpt", tmp_path / "from_ckpt.png"), width=1000)
+
+
+def test_report_state_survives_resume(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path, [FakeBudget(), PrivacyReport(), ckpt], epochs=2)
+    report = PrivacyReport()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=3, logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[FakeBudget(), report], enable_progress_bar=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(TinyModel(), _loader(), _loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [e for e, _ in report.metric_history] == [0, 1, 2]
+    _assert_png(report.path)
+
+
+def test_missing_pieces_warn_or_raise(tmp_path: Path) -> None:
+    report = PrivacyReport()
+    with pytest.warns(UserWarning, match="no PrivacyBudget"):
+        _fit(tmp_path, [report], epochs=1)
+    assert report.path is None
+
+    report = PrivacyReport(metric="not_logged")
+    with pytest.warns(UserWarning, match="never logged"):
+        _fit(tmp_path, [FakeBudget(), report], epochs=1)
+    _assert_png(report.path, width=550)  # epsilon panel only
+
+    trainer = _fit(tmp_path, [], epochs=1)
+    with pytest.raises(ValueError, match="no 'epsilon' column"):
+        read_metrics_csv(Path(trainer.log_dir) / "metrics.csv")
+    with pytest.raises(FileNotFoundError):
+        plot_privacy_report(tmp_path / "nope.csv", tmp_path / "x.png")
