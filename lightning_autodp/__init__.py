@@ -10,6 +10,8 @@ Importing the package registers ``strategy="dp_auto"`` with Lightning::
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_autodp.accounting import Accountant
+from lightning_autodp.callbacks import PrivacyBudget
 from lightning_autodp.clipping import clip_factors
 from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch
 from lightning_autodp.strategy import DPAutoStrategy
@@ -20,15 +22,10 @@ if DPAutoStrategy.strategy_name not in StrategyRegistry:
     DPAutoStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "Accountant",
     "DPAutoStrategy",
     "DistributedPoissonBatchSampler",
     "EmptyBatch",
+    "PrivacyBudget",
     "clip_factors",
 ]
-
-try:  # written alongside; keep the strategy importable while it is
-    from lightning_autodp.callbacks import PrivacyBudget  # noqa: F401
-
-    __all__.append("PrivacyBudget")
-except ImportError:  # pragma: no cover
-    pass

@@ -96,6 +96,9 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         self._shard = torch.arange(rank, num_samples, num_replicas)
         self._batches_yielded = 0
         self._resume_from = 0
+        # Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``
+        # only; without this alias every epoch would replay epoch 0's samples.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch; the epoch selects the generator stream."""
@@ -127,15 +130,22 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         return {"epoch": self.epoch, "batches_yielded": self._batches_yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        # Only the epoch: ``batches_yielded`` counts batches prefetched but never trained on. The
+        # strategy sets the exact number to skip from Lightning's own loop progress (see
+        # :meth:`skip_next`), so a resumed run neither replays nor drops a sample.
         self.epoch = state["epoch"]
-        self._resume_from = state["batches_yielded"]
+
+    def skip_next(self, batches: int) -> None:
+        """Make the next iteration start after ``batches`` micro-batches of its epoch's stream."""
+        self._resume_from = batches
 
 
 class PoissonDataLoader(DataLoader):
     """A DataLoader over the user's dataset whose batches are Poisson samples.
 
-    Lightning saves its ``state_dict`` in checkpoints (it is *stateful*), so a run resumed
-    mid-epoch continues the sampler's stream instead of replaying batches already used.
+    Lightning saves its ``state_dict`` in checkpoints (it is *stateful*); with the epoch's
+    generator derived from ``(seed, rank, epoch)`` and the number of micro-batches Lightning
+    completed, a run resumed mid-epoch continues the same stream instead of replaying batches.
     """
 
     batch_sampler: DistributedPoissonBatchSampler

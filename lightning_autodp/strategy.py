@@ -138,6 +138,8 @@ class DPAutoStrategy(DDPStrategy):
         self._examples_in_step = 0
         self._capture: contextlib.ExitStack | None = None
         self._fitting = False
+        self._poisson_loader: Any = None
+        self._noise_state_to_load: dict | None = None
 
     # ------------------------------------------------------------------ registry and launch
 
@@ -211,6 +213,9 @@ class DPAutoStrategy(DDPStrategy):
             + f", poisson_sampling={self.poisson_sampling}"
         )
         self._noise = NoiseSource(seed=_base_seed(), secure_mode=self.secure_mode)
+        if self._noise_state_to_load is not None:
+            self._noise.load_state_dict(self._noise_state_to_load)
+            self._noise_state_to_load = None
         return model
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
@@ -267,7 +272,7 @@ class DPAutoStrategy(DDPStrategy):
         self.dataset_size = len(loader.dataset)  # type: ignore[arg-type]
         expected = loader.batch_size * micro_batches * self.world_size  # type: ignore[operator]
         self._sample_rate = min(1.0, expected / self.dataset_size)
-        return poisson_dataloader(
+        self._poisson_loader = poisson_dataloader(
             loader,
             sample_rate=self._sample_rate,
             num_replicas=self.world_size,
@@ -275,6 +280,7 @@ class DPAutoStrategy(DDPStrategy):
             micro_batches=micro_batches,
             seed=_base_seed(),
         )
+        return self._poisson_loader
 
     def _record_sampling_without_poisson(self, dataloader: object, micro_batches: int) -> None:
         dataset = getattr(dataloader, "dataset", None)
@@ -285,6 +291,42 @@ class DPAutoStrategy(DDPStrategy):
             self.dataset_size = None
         if self.dataset_size and batch_size:
             self._sample_rate = min(1.0, batch_size * micro_batches * self.world_size / self.dataset_size)
+
+    def on_train_start(self) -> None:
+        """On a mid-epoch resume, continue the epoch's Poisson stream after the batches already trained.
+
+        The count comes from Lightning's restored loop progress rather than the sampler's own
+        counter, which includes batches prefetched but never trained on.
+        """
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        if self._poisson_loader is None or not trainer.fit_loop.restarting:
+            return
+        # ``processed``: a checkpoint saved in on_train_batch_end has not counted its batch as
+        # completed yet, but Lightning resumes after it.
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if processed < trainer.num_training_batches:
+            self._poisson_loader.batch_sampler.skip_next(processed)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Add the noise generator's state, so that a resumed run draws the noise it would have."""
+        if self._noise is not None:
+            checkpoint["dp_auto"] = {"noise": self._noise.state_dict(), "steps": self.steps}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get("dp_auto")
+        if state is not None:
+            if self._noise is not None:
+                self._noise.load_state_dict(state["noise"])
+            else:
+                self._noise_state_to_load = state["noise"]
+        return checkpoint
 
     # ------------------------------------------------------------------ the training step
 

@@ -94,7 +94,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
         from lightning_autodp import PrivacyBudget
 
         budget = PrivacyBudget(target_epsilon=2.0, delta=1e-3, accountant="rdp")
-        strategy = DPAutoStrategy(engine=engine, noise_multiplier=0.8)
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=2.0)
         loader = DataLoader(data(64), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=1000, callbacks=[recorder, budget], **kwargs)
     else:

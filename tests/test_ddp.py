@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_accounting import opacus_epsilon
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def run(mode: str, devices: int, tmp_path: Path) -> list[dict]:
+def run(mode: str, devices: int, tmp_path: Path, engine: str | None = None) -> list[dict]:
+    env = dict(os.environ)
+    if engine is not None:
+        env["DP_ENGINE"] = engine
     subprocess.run(
         [sys.executable, str(WORKER), mode, str(devices), str(tmp_path)],
         check=True,
         timeout=180,
         capture_output=True,
+        env=env,
     )
     return [json.loads((tmp_path / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
 
@@ -66,3 +73,24 @@ def test_empty_batches_on_a_rank_do_not_hang(tmp_path):
     # q = 2 / 20: 10 steps an epoch, and a rank's 10-example shard is often empty
     assert rank0["steps"] == rank1["steps"] == 20
     assert rank0["params"] == rank1["params"]
+
+
+def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
+    rank0, rank1 = run("budget", 2, tmp_path)
+    assert rank0["steps"] == rank1["steps"] == rank0["global_step"] > 0
+    assert rank0["epsilon"] == rank1["epsilon"]
+    q = rank0["sample_rate"]
+    assert q == pytest.approx(16 / 64)  # the global rate: 8 per rank, 2 ranks, 64 examples
+    # ddp_worker's PrivacyBudget: target 2.0 at delta 1e-3 (rdp), sigma 2.0 (17 steps)
+    assert opacus_epsilon("rdp", [(2.0, q, rank0["steps"])], delta=1e-3) == pytest.approx(rank0["epsilon"])
+    assert rank0["epsilon"] <= 2.0 < opacus_epsilon("rdp", [(2.0, q, rank0["steps"] + 1)], delta=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["bk", "hooks"])
+def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path, engine):
+    runs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        runs.append(run("noise", 2, tmp_path / name, engine=engine))
+    for a, b in zip(*runs):
+        assert a["params"] == b["params"] and a["grads"] == b["grads"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 
+from lightning_autodp import DPAutoStrategy
 from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch, _CollateOrEmpty
+from tests.models import Classifier, loader, make_case, quiet_trainer
 
 
 def _steps(sampler: DistributedPoissonBatchSampler, epochs: int) -> list[list[int]]:
@@ -84,14 +87,47 @@ def test_resume_skips_batches_already_used():
     sampler = DistributedPoissonBatchSampler(num_samples=60, sample_rate=0.1, seed=2)
     sampler.set_epoch(4)
     full = list(sampler)
-    it = iter(sampler)
-    for _ in range(3):
-        next(it)
-    state = sampler.state_dict()
     resumed = DistributedPoissonBatchSampler(num_samples=60, sample_rate=0.1, seed=2)
-    resumed.load_state_dict(state)
+    resumed.load_state_dict(sampler.state_dict())  # the epoch; the skip comes from Lightning's progress
+    resumed.skip_next(3)
     assert list(resumed) == full[3:]
     assert list(resumed) == full  # the skip applies to the interrupted epoch only
+
+
+class _SeenIds(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append([] if isinstance(batch, EmptyBatch) else batch[0][:, 0].long().tolist())
+
+
+def test_a_lightning_run_samples_every_example_with_frequency_q_and_fresh_epochs():
+    """End to end through Trainer: the examples training_step receives, not the sampler alone."""
+    n, batch_size, epochs = 40, 4, 60
+    q = batch_size / n
+    ids = torch.arange(n, dtype=torch.float64)[:, None].repeat(1, 6)  # column 0 carries the id
+    y = torch.zeros(n, dtype=torch.long)
+    net, _, _ = make_case("linear")
+    seen = _SeenIds()
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(
+        strategy=DPAutoStrategy(noise_multiplier=1.0),
+        max_epochs=epochs,
+        callbacks=[seen],
+        precision="64-true",
+    )
+    trainer.fit(Classifier(net.double(), lr=0.0), loader(ids, y, batch_size=batch_size))
+    per_epoch = len(seen.steps) // epochs
+    assert per_epoch == n // batch_size
+    epoch_samples = [seen.steps[e * per_epoch : (e + 1) * per_epoch] for e in range(epochs)]
+    assert len({repr(s) for s in epoch_samples}) == epochs, "an epoch replayed another epoch's samples"
+    counts = torch.zeros(n)
+    for step in seen.steps:
+        assert len(set(step)) == len(step)
+        counts[step] += 1
+    total = len(seen.steps)
+    assert ((counts - total * q).abs() < 5 * (total * q * (1 - q)) ** 0.5).all()
 
 
 def test_empty_index_list_collates_to_empty_batch():

@@ -1,0 +1,291 @@
+"""The :class:`PrivacyBudget` callback: account epsilon, calibrate sigma, stop before the target."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_autodp.accounting import ACCOUNTANTS, Accountant, AccountantName, Segment, merge_segments
+
+
+class PrivacyBudget(Callback):
+    r"""Account the privacy spent by ``dp_auto``, calibrate its noise, stop before a target epsilon.
+
+    After every optimizer step the strategy has run one Poisson-subsampled Gaussian mechanism with
+    noise multiplier :math:`\sigma` and sampling rate :math:`q`. The callback keeps the history of
+    ``(sigma, q, steps)`` segments and composes it with Opacus's accountant (``"prv"``, default, or
+    ``"rdp"``) to report :math:`\varepsilon` at ``delta``.
+
+    * **Logging**: ``epsilon`` is logged (every logger, progress bar) at the end of each training
+      epoch; :attr:`history` holds one ``(epoch, step, epsilon)`` per finished epoch.
+    * **Stopping**: with ``target_epsilon`` set, the largest number of steps :math:`T^*` with
+      :math:`\varepsilon \le` target is found once per run (bisection over the steps); training
+      stops right after step :math:`T^*`, so the final epsilon is :math:`\le` target and one more
+      step would exceed it. Every rank computes the same :math:`T^*` from the same history, so all
+      ranks stop together without communicating.
+    * **Calibration**: when the strategy has ``noise_multiplier=None`` (or its default ``"auto"``),
+      :math:`\sigma` is chosen in ``on_train_start`` so that the planned run
+      (``trainer.estimated_stepping_batches``: ``max_epochs`` or ``max_steps``) ends at, or up to
+      1% under, the target.
+    * **Checkpoints**: the history and the calibrated sigma are saved with the checkpoint; a resumed
+      run continues from the epsilon already spent.
+
+    Args:
+        target_epsilon: stop before exceeding it (and calibrate sigma for it). ``None``: only
+            account and log.
+        delta: the delta of the guarantee; should be well below ``1 / N`` (a warning says so).
+        accountant: ``"prv"`` (tight, default) or ``"rdp"``.
+
+    Example::
+
+        import lightning as L
+        from lightning_autodp import PrivacyBudget
+
+        budget = PrivacyBudget(target_epsilon=3.0, delta=1e-5)
+        trainer = L.Trainer(strategy="dp_auto", callbacks=[budget], max_epochs=20)
+        trainer.fit(model, datamodule)
+        print(budget.epsilon, budget.history[-1])
+    """
+
+    #: tells :class:`~lightning_autodp.DPAutoStrategy` that ``noise_multiplier=None`` is calibrated here
+    calibrates_noise_multiplier = True
+
+    def __init__(
+        self,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        accountant: AccountantName = "prv",
+    ) -> None:
+        if target_epsilon is not None and not (
+            isinstance(target_epsilon, (int, float)) and 0 < target_epsilon < math.inf
+        ):
+            raise ValueError(
+                f"target_epsilon must be a positive number (e.g. 3.0) or None to only account, "
+                f"got {target_epsilon!r}."
+            )
+        if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
+            raise ValueError(f"delta must lie in (0, 1), got {delta!r}; choose it well below 1/N, e.g. 1e-5.")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(
+                f"Unknown accountant={accountant!r}. Use one of {', '.join(map(repr, ACCOUNTANTS))}."
+            )
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.delta = float(delta)
+        self.accountant = accountant
+        #: ``(epoch, step, epsilon)`` at the end of every training epoch
+        self.history: list[tuple[int, int, float]] = []
+        #: sigma of the current run (calibrated or the strategy's)
+        self.noise_multiplier: float | None = None
+        self._accountant = Accountant(accountant, self.delta)
+        self._done: list[Segment] = []  # finished segments (earlier fits, restored checkpoints)
+        self._live: tuple[float, float] | None = None  # (sigma, q) of the running fit
+        self._strategy: Any = None
+        self._steps_at_start = 0
+        self._allowed_steps: int | None = None  # T*: steps this fit may take, None = unlimited
+        self._calibrated: float | None = None
+
+    # ------------------------------------------------------------------ what was spent
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The whole history ``[(sigma, q, steps), ...]``, the running fit included."""
+        return merge_segments([*self._done, *self._live_segment()])
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps accounted so far (all fits and restored checkpoints)."""
+        return sum(steps for _, _, steps in self.segments)
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at :attr:`delta`."""
+        return self._accountant.epsilon(self.segments)
+
+    def _live_steps(self) -> int:
+        return 0 if self._strategy is None else self._strategy.steps - self._steps_at_start
+
+    def _live_segment(self) -> list[Segment]:
+        if self._live is None:
+            return []
+        return [(self._live[0], self._live[1], self._live_steps())]
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_autodp.strategy import DPAutoStrategy
+
+        if not isinstance(trainer.strategy, DPAutoStrategy):
+            raise TypeError(
+                f"PrivacyBudget accounts the privacy of dp_auto, but the Trainer's strategy is "
+                f"{type(trainer.strategy).__name__}. Use L.Trainer(strategy='dp_auto', ...) or "
+                "strategy=lightning_autodp.DPAutoStrategy(...)."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        self._strategy = strategy
+        self._steps_at_start = strategy.steps
+        q, n = strategy.sample_rate, strategy.dataset_size
+        if not strategy.poisson_sampling:
+            rank_zero_warn(
+                "PrivacyBudget accounts Poisson sampling with q = batch_size / N, but dp_auto runs with "
+                "poisson_sampling=False: the epsilon reported does not hold for shuffled fixed-size "
+                "batches. Use DPAutoStrategy(poisson_sampling=True) (the default) for a guarantee."
+            )
+        if n and self.delta >= 1.0 / n:
+            rank_zero_warn(
+                f"PrivacyBudget(delta={self.delta}) is not below 1/N = {1.0 / n:.3g} (N={n} examples): "
+                "such a delta allows releasing whole examples. Choose delta well below 1/N, e.g. 1/(10 N)."
+            )
+        planned = self._planned_steps(trainer)
+        if strategy.noise_multiplier is None:
+            strategy.noise_multiplier = self._calibrate(q, planned)
+        sigma = float(strategy.noise_multiplier)
+        self.noise_multiplier = sigma
+        self._live = (sigma, q)
+        self._allowed_steps = self._search_allowed_steps(sigma, q, planned)
+        if self._allowed_steps == 0:
+            rank_zero_warn(
+                f"PrivacyBudget: epsilon={self.epsilon:.4g} already spent; one more step would exceed "
+                f"target_epsilon={self.target_epsilon}. Training stops before the first step."
+            )
+            trainer.should_stop = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._allowed_steps is not None and self._live_steps() >= self._allowed_steps:
+            if trainer.should_stop:
+                raise RuntimeError(
+                    "PrivacyBudget stopped training at the target epsilon, but Trainer(min_epochs=..., "
+                    "min_steps=...) forces it to continue, which would exceed the budget. Lower "
+                    "min_epochs/min_steps or raise target_epsilon."
+                )
+            self._extend_horizon(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Checked after every batch, not at epoch ends: the step after T* never runs.
+        if (
+            self._allowed_steps is not None
+            and self._live_steps() >= self._allowed_steps
+            and self.target_epsilon is not None
+            and self._next_step_exceeds()
+        ):
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epsilon = self.epsilon
+        self.history.append((trainer.current_epoch, self.steps, epsilon))
+        pl_module.log("epsilon", epsilon, prog_bar=True, logger=True, on_epoch=True, sync_dist=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sigma, q = self._live if self._live is not None else (self.noise_multiplier, None)
+        rank_zero_info(
+            f"PrivacyBudget: epsilon={self.epsilon:.4g} spent at delta={self.delta:g} "
+            f"(target {self.target_epsilon}) with sigma={sigma:.4g}, q={q:.4g}, steps={self.steps}, "
+            f"accountant={self.accountant}."
+            if sigma is not None and q is not None
+            else f"PrivacyBudget: epsilon={self.epsilon:.4g} at delta={self.delta:g}, no step taken."
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._live is not None:
+            # Close this fit's segment so a later fit in the same process adds a new one.
+            self._done = self.segments
+            self._live = None
+            self._strategy = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "accountant": self.accountant,
+            "segments": [list(s) for s in self.segments],
+            "history": [list(h) for h in self.history],
+            "calibrated_noise_multiplier": self._calibrated,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if float(state_dict["delta"]) != self.delta:
+            raise ValueError(
+                f"The checkpoint accounted privacy at delta={state_dict['delta']}, this PrivacyBudget uses "
+                f"delta={self.delta}. Epsilons at different deltas do not add up: resume with "
+                f"PrivacyBudget(delta={state_dict['delta']})."
+            )
+        self._done = merge_segments(state_dict["segments"])
+        self._live = None
+        self.history = [(int(e), int(s), float(eps)) for e, s, eps in state_dict["history"]]
+        self._calibrated = state_dict.get("calibrated_noise_multiplier")
+
+    # ------------------------------------------------------------------ planning
+
+    @staticmethod
+    def _planned_steps(trainer: pl.Trainer) -> int | None:
+        """Optimizer steps this fit will take if nothing stops it (``None``: unbounded)."""
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            return None
+        return max(int(total) - trainer.global_step, 0)
+
+    def _calibrate(self, q: float, planned: int | None) -> float:
+        if self._calibrated is not None:
+            # Resuming a calibrated run: keep its sigma, so that it ends where the original would.
+            rank_zero_info(
+                f"PrivacyBudget: noise_multiplier={self._calibrated:.4g} restored from the checkpoint."
+            )
+            return float(self._calibrated)
+        if self.target_epsilon is None or planned is None:
+            raise ValueError(
+                "DPAutoStrategy(noise_multiplier=None) is calibrated by PrivacyBudget from target_epsilon "
+                "and the planned length of training: set PrivacyBudget(target_epsilon=...) and "
+                "Trainer(max_epochs=...) or Trainer(max_steps=...), or pass "
+                "DPAutoStrategy(noise_multiplier=...)."
+            )
+        sigma = self._accountant.calibrate_noise_multiplier(
+            self._done, q, max(planned, 1), self.target_epsilon
+        )
+        self._calibrated = sigma
+        planned_eps = self._accountant.epsilon([*self._done, (sigma, q, planned)])
+        rank_zero_info(
+            f"PrivacyBudget: noise_multiplier={sigma:.4g} calibrated for epsilon={planned_eps:.4g} "
+            f"(target {self.target_epsilon}) at delta={self.delta:g} over {planned} steps with q={q:.4g} "
+            f"({self.accountant})."
+        )
+        return sigma
+
+    def _search_allowed_steps(self, sigma: float, q: float, planned: int | None) -> int | None:
+        if self.target_epsilon is None:
+            return None
+        horizon = planned if planned is not None else 1024
+        return self._accountant.max_steps(self._done, sigma, q, self.target_epsilon, max(horizon, 1))
+
+    def _next_step_exceeds(self) -> bool:
+        assert self._live is not None and self.target_epsilon is not None
+        sigma, q = self._live
+        return (
+            self._accountant.epsilon([*self._done, (sigma, q, self._live_steps() + 1)]) > self.target_epsilon
+        )
+
+    def _extend_horizon(self, trainer: pl.Trainer) -> None:
+        """Training runs past the planned horizon (e.g. no max_steps): search further out."""
+        if self._live is None or self.target_epsilon is None:
+            return
+        if self._next_step_exceeds():
+            raise RuntimeError(
+                "PrivacyBudget: the next optimizer step would exceed target_epsilon, but training did not "
+                "stop. Report this as a bug of lightning-autodp."
+            )
+        sigma, q = self._live
+        self._allowed_steps = self._accountant.max_steps(
+            self._done, sigma, q, self.target_epsilon, 2 * max(self._allowed_steps or 1, 1)
+        )
