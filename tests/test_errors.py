@@ -9,7 +9,7 @@ from models import Classifier, loader, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_autodp import DPAutoStrategy
+from lightning_autodp import DPAutoStrategy, PrivacyBudget
 
 
 def _data(n=16):
@@ -147,3 +147,30 @@ def test_parameter_untouched_by_the_loss_gets_noise_only():
     before = model.unused.weight.detach().clone()
     _fit(model, strategy=DPAutoStrategy(noise_multiplier=1.0))
     assert not torch.equal(model.unused.weight, before)
+
+
+def test_several_optimizers_are_refused():
+    class TwoOptimizers(NoStepTaken):
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.Adam(self.parameters())]
+
+    # Lightning's automatic optimization takes one optimizer; dp_auto needs automatic optimization.
+    with pytest.raises(RuntimeError, match="multiple optimizers is only supported with manual optimization"):
+        _fit(TwoOptimizers(nn.Linear(4, 3)))
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0, float("inf")])
+def test_target_epsilon_must_be_positive(target):
+    with pytest.raises(ValueError, match=r"target_epsilon must be a positive number \(e\.g\. 3\.0\)"):
+        PrivacyBudget(target_epsilon=target)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 2.0])
+def test_delta_must_lie_in_zero_one(delta):
+    with pytest.raises(ValueError, match=r"delta must lie in \(0, 1\).*well below 1/N"):
+        PrivacyBudget(target_epsilon=1.0, delta=delta)
+
+
+def test_unknown_accountant():
+    with pytest.raises(ValueError, match="Unknown accountant='gdp'. Use one of 'prv', 'rdp'"):
+        PrivacyBudget(target_epsilon=1.0, accountant="gdp")
