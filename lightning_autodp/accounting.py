@@ -20,8 +20,11 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
+import time
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -68,7 +71,11 @@ class Accountant:
         self.name = name
         self.delta = delta
         self._cache: dict[tuple[Segment, ...], float] = {}
+        self._pending: dict[tuple[Segment, ...], Future[float]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self.calls = 0  # evaluations of the underlying accountant (for the cost benchmark)
+        self.seconds = 0.0  # their total compute time, background thread included
 
     def epsilon(self, segments: Iterable[Sequence[float]]) -> float:
         r"""Epsilon spent at ``delta`` after ``segments``: the composition over all their steps.
@@ -80,16 +87,64 @@ class Accountant:
             return 0.0
         if any(sigma == 0.0 for sigma, _, _ in key):
             return math.inf
+        with self._lock:
+            pending = self._pending.get(key)
+        if pending is not None:
+            return pending.result()
         if key not in self._cache:
-            accountant = ACCOUNTANTS[self.name]()
-            accountant.history = list(key)
-            with warnings.catch_warnings():
-                # RDP warns when the optimal order is at the edge of its default grid; the value
-                # is still an upper bound, and the warning would repeat every epoch.
-                warnings.filterwarnings("ignore", message="Optimal order is the")
-                self._cache[key] = float(accountant.get_epsilon(delta=self.delta))
-            self.calls += 1
+            self._cache[key] = self._compute(key)
         return self._cache[key]
+
+    def prefetch(self, segments: Iterable[Sequence[float]]) -> None:
+        """Start computing ``epsilon(segments)`` in a background thread.
+
+        The callback asks for the epsilon of the coming epoch end when the epoch starts, so that
+        the accountant's FFTs (numpy releases the GIL) overlap with training instead of pausing it.
+        """
+        key = tuple(merge_segments(segments))
+        if not key or key in self._cache or any(sigma == 0.0 for sigma, _, _ in key):
+            return
+        with self._lock:
+            if key in self._pending:
+                return
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autodp-accountant")
+            self._pending[key] = self._executor.submit(self._compute_and_cache, key)
+
+    def _compute_and_cache(self, key: tuple[Segment, ...]) -> float:
+        value = self._compute(key)
+        self._cache[key] = value
+        with self._lock:
+            self._pending.pop(key, None)
+        return value
+
+    def _compute(self, key: tuple[Segment, ...]) -> float:
+        start = time.perf_counter()
+        accountant = ACCOUNTANTS[self.name]()
+        accountant.history = list(key)
+        with warnings.catch_warnings():
+            # RDP warns when the optimal order is at the edge of its default grid; the value
+            # is still an upper bound, and the warning would repeat every epoch.
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            value = float(accountant.get_epsilon(delta=self.delta))
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        return value
+
+    def close(self) -> None:
+        """Stop the background thread (pending results are still delivered)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_pending={}, _executor=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def max_steps(
         self,
@@ -125,34 +180,58 @@ class Accountant:
         steps: int,
         target_epsilon: float,
         rtol: float = 0.005,
+        start: float | None = None,
     ) -> float:
         r"""The smallest ``sigma`` (to ``rtol``) with ``epsilon(done + [(sigma, q, steps)]) <= target``.
 
-        Bisection on :math:`\sigma`, keeping the upper end feasible, until the epsilon there lies
-        in ``[(1 - rtol) * target, target]``.
+        A search on :math:`\log\sigma` against :math:`\log\varepsilon` (nearly linear):
+        bracket the target, starting from ``start`` when given, then regula falsi with the
+        Illinois modification, keeping the upper end feasible, until the epsilon there lies in
+        ``[(1 - rtol) * target, target]``. About five evaluations where bisection needs ten.
         """
         if target_epsilon <= self.epsilon(done):
             raise ValueError(
                 f"The privacy budget is already spent: epsilon={self.epsilon(done):.4g} >= target "
                 f"{target_epsilon} before this run. Raise target_epsilon or train no further."
             )
+        aim = math.log((1.0 - 0.5 * rtol) * target_epsilon)
 
-        def eps(sigma: float) -> float:
-            return self.epsilon([*done, (sigma, q, steps)])
+        def f(log_sigma: float) -> float:
+            return math.log(self.epsilon([*done, (math.exp(log_sigma), q, steps)])) - aim
 
-        lo, hi = 0.5, 1.0  # bracket: eps(lo) > target >= eps(hi)
-        if eps(hi) <= target_epsilon:
-            while eps(lo) <= target_epsilon:
-                if lo < 1e-3:
-                    return lo  # (nearly) no noise needed: the budget is loose for this plan
-                lo, hi = 0.5 * lo, lo
+        def feasible(value: float) -> bool:
+            return value <= math.log(target_epsilon) - aim
+
+        # bracket: lo infeasible (too little noise), hi feasible
+        hi = math.log(start) if start else 0.0
+        f_hi = f(hi)
+        step = 0.1 if start else math.log(2.0)
+        if feasible(f_hi):
+            lo, f_lo = hi - step, f(hi - step)
+            while feasible(f_lo):
+                if lo < math.log(1e-3):
+                    return math.exp(lo)  # (nearly) no noise needed: the budget is loose for this plan
+                hi, f_hi, step = lo, f_lo, 2 * step
+                lo, f_lo = hi - step, f(hi - step)
         else:
-            lo, hi = hi, 2.0 * hi
-            while eps(hi) > target_epsilon:
-                if hi > 1e6:
+            lo, f_lo = hi, f_hi
+            hi, f_hi = lo + step, f(lo + step)
+            while not feasible(f_hi):
+                if hi > math.log(1e6):
                     raise ValueError(f"No noise_multiplier below 1e6 reaches epsilon={target_epsilon}.")
-                lo, hi = hi, 2.0 * hi
-        while eps(hi) < (1.0 - rtol) * target_epsilon and hi - lo > 1e-6 * hi:
-            mid = 0.5 * (lo + hi)
-            lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
-        return hi
+                lo, f_lo, step = hi, f_hi, 2 * step
+                hi, f_hi = lo + step, f(lo + step)
+        w_lo, w_hi, side = f_lo, f_hi, 0  # secant weights; Illinois halves a stale one
+        while f_hi < math.log((1.0 - rtol) * target_epsilon) - aim and hi - lo > 1e-9:
+            x = hi - w_hi * (hi - lo) / (w_hi - w_lo)
+            x = min(max(x, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
+            f_x = f(x)
+            if feasible(f_x):
+                hi, f_hi, w_hi = x, f_x, f_x
+                w_lo = 0.5 * w_lo if side == 1 else w_lo
+                side = 1
+            else:
+                lo, f_lo, w_lo = x, f_x, f_x
+                w_hi = 0.5 * w_hi if side == -1 else w_hi
+                side = -1
+        return math.exp(hi)

@@ -86,6 +86,8 @@ class PrivacyBudget(Callback):
         self._strategy: Any = None
         self._steps_at_start = 0
         self._allowed_steps: int | None = None  # T*: steps this fit may take, None = unlimited
+        self._budget_binds = False  # T* is set by the target, not by the end of the search horizon
+        self._planned: int | None = None  # steps this fit plans (Trainer's estimate), None = unbounded
         self._calibrated: float | None = None
 
     # ------------------------------------------------------------------ what was spent
@@ -143,7 +145,7 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget(delta={self.delta}) is not below 1/N = {1.0 / n:.3g} (N={n} examples): "
                 "such a delta allows releasing whole examples. Choose delta well below 1/N, e.g. 1/(10 N)."
             )
-        planned = self._planned_steps(trainer)
+        planned = self._planned = self._planned_steps(trainer)
         if strategy.noise_multiplier is None:
             strategy.noise_multiplier = self._calibrate(q, planned)
         sigma = float(strategy.noise_multiplier)
@@ -157,34 +159,44 @@ class PrivacyBudget(Callback):
             )
             trainer.should_stop = True
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The epsilon logged at this epoch's end is known now: compute it while the epoch trains.
+        if self._live is None or not math.isfinite(trainer.num_training_batches):
+            return
+        steps = self._live_steps() + math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        if self._allowed_steps is not None:
+            steps = min(steps, self._allowed_steps)
+        self._accountant.prefetch([*self._done, (self._live[0], self._live[1], steps)])
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._allowed_steps is not None and self._live_steps() >= self._allowed_steps:
-            if trainer.should_stop:
-                raise RuntimeError(
-                    "PrivacyBudget stopped training at the target epsilon, but Trainer(min_epochs=..., "
-                    "min_steps=...) forces it to continue, which would exceed the budget. Lower "
-                    "min_epochs/min_steps or raise target_epsilon."
-                )
-            self._extend_horizon(trainer)
+        if self._allowed_steps is None or self._live_steps() < self._allowed_steps:
+            return
+        if self._budget_binds:
+            raise RuntimeError(
+                "PrivacyBudget stopped training at the target epsilon, but Trainer(min_epochs=..., "
+                "min_steps=...) forces it to continue, which would exceed the budget. Lower "
+                "min_epochs/min_steps or raise target_epsilon."
+            )
+        self._extend_horizon()  # training runs longer than planned: search further out
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Checked after every batch, not at epoch ends: the step after T* never runs.
-        if (
-            self._allowed_steps is not None
-            and self._live_steps() >= self._allowed_steps
-            and self.target_epsilon is not None
-            and self._next_step_exceeds()
-        ):
+        # Checked after every batch, not at epoch ends, so the step after T* never runs. T* was
+        # found once (T* within the target, T* + 1 beyond it): no accountant call per step.
+        if self._allowed_steps is None or self._live_steps() < self._allowed_steps:
+            return
+        if not self._budget_binds and (self._planned is None or self._live_steps() < self._planned):
+            self._allowed_steps = self._search_up_to(2 * max(self._allowed_steps, 1))
+        if self._budget_binds and self._live_steps() >= self._allowed_steps:
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epsilon = self.epsilon
         self.history.append((trainer.current_epoch, self.steps, epsilon))
-        pl_module.log("epsilon", epsilon, prog_bar=True, logger=True, on_epoch=True, sync_dist=False)
+        pl_module.log("epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sigma, q = self._live if self._live is not None else (self.noise_multiplier, None)
@@ -197,6 +209,7 @@ class PrivacyBudget(Callback):
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._accountant.close()
         if stage == "fit" and self._live is not None:
             # Close this fit's segment so a later fit in the same process adds a new one.
             self._done = self.segments
@@ -251,8 +264,14 @@ class PrivacyBudget(Callback):
                 "Trainer(max_epochs=...) or Trainer(max_steps=...), or pass "
                 "DPAutoStrategy(noise_multiplier=...)."
             )
+        steps = max(planned, 1)
+        start = None
+        if self.accountant != "rdp":
+            # RDP is cheap and a little looser: its sigma is a close, feasible first guess.
+            rdp = Accountant("rdp", self.delta)
+            start = rdp.calibrate_noise_multiplier(self._done, q, steps, self.target_epsilon)
         sigma = self._accountant.calibrate_noise_multiplier(
-            self._done, q, max(planned, 1), self.target_epsilon
+            self._done, q, steps, self.target_epsilon, start=start
         )
         self._calibrated = sigma
         planned_eps = self._accountant.epsilon([*self._done, (sigma, q, planned)])
@@ -266,26 +285,23 @@ class PrivacyBudget(Callback):
     def _search_allowed_steps(self, sigma: float, q: float, planned: int | None) -> int | None:
         if self.target_epsilon is None:
             return None
-        horizon = planned if planned is not None else 1024
-        return self._accountant.max_steps(self._done, sigma, q, self.target_epsilon, max(horizon, 1))
+        return self._search_up_to(planned if planned is not None else 1024)
 
-    def _next_step_exceeds(self) -> bool:
+    def _search_up_to(self, horizon: int) -> int:
         assert self._live is not None and self.target_epsilon is not None
+        horizon = max(horizon, 1)
         sigma, q = self._live
-        return (
-            self._accountant.epsilon([*self._done, (sigma, q, self._live_steps() + 1)]) > self.target_epsilon
-        )
+        allowed = self._accountant.max_steps(self._done, sigma, q, self.target_epsilon, horizon)
+        self._budget_binds = allowed < horizon
+        return allowed
 
-    def _extend_horizon(self, trainer: pl.Trainer) -> None:
-        """Training runs past the planned horizon (e.g. no max_steps): search further out."""
-        if self._live is None or self.target_epsilon is None:
-            return
-        if self._next_step_exceeds():
+    def _extend_horizon(self) -> None:
+        """Training runs past the planned number of steps: search further out, or refuse the step."""
+        assert self._allowed_steps is not None
+        self._allowed_steps = self._search_up_to(2 * max(self._allowed_steps, 1))
+        if self._allowed_steps <= self._live_steps():
             raise RuntimeError(
-                "PrivacyBudget: the next optimizer step would exceed target_epsilon, but training did not "
-                "stop. Report this as a bug of lightning-autodp."
+                f"PrivacyBudget: the next optimizer step would exceed target_epsilon={self.target_epsilon}, "
+                f"but training continues past the {self._planned} steps the Trainer planned. Training is "
+                "stopped here; set Trainer(max_epochs=...) or max_steps so that the plan is known."
             )
-        sigma, q = self._live
-        self._allowed_steps = self._accountant.max_steps(
-            self._done, sigma, q, self.target_epsilon, 2 * max(self._allowed_steps or 1, 1)
-        )

@@ -140,3 +140,11 @@ def test_needs_a_dp_strategy():
 def test_warns_when_delta_is_not_below_one_over_n():
     with pytest.warns(UserWarning, match="not below 1/N"):
         _fit(PrivacyBudget(delta=0.05, accountant="rdp"), max_epochs=1)
+
+
+def test_stops_exactly_without_a_planned_length():
+    q = BATCH / N
+    target = 0.5 * (opacus_epsilon("rdp", [(1.0, q, 21)]) + opacus_epsilon("rdp", [(1.0, q, 22)]))
+    budget = PrivacyBudget(target_epsilon=target, delta=1e-5, accountant="rdp")
+    _, strategy, _ = _fit(budget, max_epochs=-1)  # no max_epochs, no max_steps: only the budget stops it
+    assert strategy.steps == 21
