@@ -151,6 +151,18 @@ class DPAutoStrategy(DDPStrategy):
             description="Differentially private training with automatic clipping (lightning-autodp)",
         )
 
+    def _configure_launcher(self) -> None:
+        """No launcher for a single process, as Lightning's single-device strategy.
+
+        DDP's script launcher would export ``LOCAL_RANK``/``MASTER_PORT`` into this process even for
+        one device, and a later multi-process launch from the same process (a notebook, a test
+        suite) would then believe it is already a child and wait forever for its peers.
+        """
+        if self.num_nodes * self.num_processes > 1 or self.cluster_environment.creates_processes_externally:
+            super()._configure_launcher()
+        else:
+            self._launcher = None
+
     def setup_distributed(self) -> None:
         """Join the process group only when there is more than one process."""
         if self.num_nodes * self.num_processes > 1:

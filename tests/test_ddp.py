@@ -94,3 +94,15 @@ def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path, engine):
         runs.append(run("noise", 2, tmp_path / name, engine=engine))
     for a, b in zip(*runs):
         assert a["params"] == b["params"] and a["grads"] == b["grads"]
+
+
+def test_one_process_fit_leaves_no_launch_variables_behind(monkeypatch):
+    # They would make a later multi-process launch from this process wait forever for its peers.
+    for name in ("LOCAL_RANK", "NODE_RANK", "MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    from lightning_autodp import DPAutoStrategy
+    from tests.models import Classifier, loader, make_case, quiet_trainer
+
+    net, x, y = make_case("linear")
+    quiet_trainer(strategy=DPAutoStrategy(), max_steps=1).fit(Classifier(net), loader(x, y, batch_size=4))
+    assert not {"LOCAL_RANK", "NODE_RANK", "MASTER_PORT"} & set(os.environ)
