@@ -293,10 +293,13 @@ class PrivacyReport(Callback):
             self.metric_history.append((trainer.current_epoch, float(value)))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer)
+        # ``trainer.log_dir`` is a collective (a broadcast from rank 0) under DDP: every rank must
+        # ask for it, outside the rank-zero-only drawing, or rank 0 waits for peers that moved on.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self._draw(trainer, Path(log_dir))
 
     @rank_zero_only
-    def _draw(self, trainer: pl.Trainer) -> None:
+    def _draw(self, trainer: pl.Trainer, log_dir: Path) -> None:
         budget = _find_budget(trainer)
         if budget is None:
             rank_zero_warn(
@@ -314,7 +317,7 @@ class PrivacyReport(Callback):
                 f"(logged: {sorted(trainer.callback_metrics)}); drawing epsilon only. Pass the name "
                 "you give self.log(...) in validation_step, e.g. PrivacyReport(metric='val_loss')."
             )
-        out = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        out = log_dir / self.filename
         self.path = draw_privacy_report(
             eps,
             _last_per_epoch(self.metric_history),

@@ -87,7 +87,9 @@ def _case(name: str, n: int = 6) -> tuple[nn.Module, Tensor, LossFn]:
         net = nn.Sequential(nn.Embedding(7, 4, padding_idx=0), Pool(), nn.Linear(4, 3))
         x = torch.randint(0, 7, (n, 9), generator=g)  # repeated ids within an example
     elif name == "conv1d":
-        net = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+        net = nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)
+        )
         x = torch.randn(n, 2, 7, generator=g)
     elif name == "conv2d":
         net = nn.Sequential(
@@ -321,3 +323,53 @@ def test_nothing_recorded_outside_capturing():
     assert engine.batch_size == 0
     assert net[0].weight.grad is not None  # ordinary training outside capture is untouched
     engine.remove()
+
+
+def _one_step_update(net: nn.Module, x: Tensor, y: Tensor, precision: str) -> Tensor:
+    """Parameter change of one DP-SGD step (lr=1, sigma=0, the whole batch) under ``precision``."""
+    import models
+    from models import Classifier, quiet_trainer
+
+    from lightning_autodp import DPAutoStrategy
+
+    model = Classifier(copy.deepcopy(net), lr=1.0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    strategy = DPAutoStrategy(noise_multiplier=0.0, poisson_sampling=False, engine="bk")
+    trainer = quiet_trainer(strategy=strategy, max_steps=1, precision=precision)
+    trainer.fit(model, models.loader(x, y, batch_size=len(x)))
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+@pytest.mark.parametrize("case", ["layernorm", "transformer", "conv2d"])
+def test_bf16_mixed_update_is_close_to_float32(case):
+    # Under CPU autocast the captured layers compute in bfloat16; norms, clipping factors and
+    # clipped sums must still be float32, so the update stays within bf16 rounding of fp32's.
+    from models import make_case
+
+    torch.manual_seed(0)
+    net, x, y = make_case(case, n=16)
+    fp32 = _one_step_update(net, x, y, "32-true")
+    bf16 = _one_step_update(net, x, y, "bf16-mixed")
+    assert fp32.norm() > 0
+    assert 0 < _rel(bf16, fp32) < 2e-2
+
+
+def test_norms_and_weighted_sum_are_float32_under_autocast():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    weights = torch.rand(5) + 0.5
+
+    def loss(m: nn.Module, inputs: Tensor, bf16: bool = True) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(inputs)
+        return F.cross_entropy(out.mean(1).float(), y, reduction="none")
+
+    _, norms, summed, _ = _engine_outputs(net, x, loss, weights)
+    _, ref_norms, ref_summed, _ = _engine_outputs(net, x, lambda m, i: loss(m, i, bf16=False), weights)
+    assert norms.dtype == torch.float32 and norms.shape == (5,)
+    assert all(g.dtype == torch.float32 and g.shape == p.shape for p, g in summed.items())
+    assert set(summed) == set(ref_summed) == set(net.parameters())
+    assert 0 < _rel(norms, ref_norms) < 2e-2
+    for p in net.parameters():
+        assert _rel(summed[p], ref_summed[p]) < 2e-2

@@ -107,8 +107,11 @@ def _fit(tmp_path: Path, callbacks: list[Callback], epochs: int = 3) -> L.Traine
 
 def test_draw_writes_a_png(tmp_path: Path) -> None:
     out = draw_privacy_report(
-        [(0, 0.5), (1, 0.8), (2, 1.0)], [(0, 0.6), (1, 0.7), (2, 0.75)], tmp_path / "sub" / "r.png",
-        target_epsilon=1.0, delta=1e-5,
+        [(0, 0.5), (1, 0.8), (2, 1.0)],
+        [(0, 0.6), (1, 0.7), (2, 0.75)],
+        tmp_path / "sub" / "r.png",
+        target_epsilon=1.0,
+        delta=1e-5,
     )
     assert out == tmp_path / "sub" / "r.png"
     _assert_png(out, width=1000)  # two panels side by side at 10 x 4 inches, 100 dpi
@@ -151,8 +154,12 @@ def test_report_state_survives_resume(tmp_path: Path) -> None:
     _fit(tmp_path, [FakeBudget(), PrivacyReport(), ckpt], epochs=2)
     report = PrivacyReport()
     trainer = L.Trainer(
-        default_root_dir=tmp_path, max_epochs=3, logger=CSVLogger(tmp_path, name="logs"),
-        callbacks=[FakeBudget(), report], enable_progress_bar=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[FakeBudget(), report],
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(TinyModel(), _loader(), _loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert [e for e, _ in report.metric_history] == [0, 1, 2]
@@ -175,3 +182,43 @@ def test_missing_pieces_warn_or_raise(tmp_path: Path) -> None:
         read_metrics_csv(Path(trainer.log_dir) / "metrics.csv")
     with pytest.raises(FileNotFoundError):
         plot_privacy_report(tmp_path / "nope.csv", tmp_path / "x.png")
+
+
+def test_real_budget_epsilon_in_csv_tensorboard_progress_bar_and_report(tmp_path: Path) -> None:
+    # The real PrivacyBudget under dp_auto (not FakeBudget): the epsilon it records each epoch is
+    # what every logger receives, what the progress bar shows, and what the PNG is drawn from.
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_autodp import DPAutoStrategy, PrivacyBudget
+
+    budget, report = PrivacyBudget(delta=1e-5), PrivacyReport(metric="val_acc")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    tb_logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    trainer = L.Trainer(
+        strategy=DPAutoStrategy(noise_multiplier=1.0),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=3,
+        logger=[csv_logger, tb_logger],
+        callbacks=[budget, report],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    trainer.fit(TinyModel(), _loader(), _loader())
+
+    history = [(float(e), eps) for e, _, eps in budget.history]
+    assert [e for e, _ in history] == [0.0, 1.0, 2.0]
+    assert all(b > a > 0 for (_, a), (_, b) in zip(history, history[1:]))  # spent budget only grows
+
+    eps_csv, _ = read_metrics_csv(Path(csv_logger.log_dir) / "metrics.csv")
+    assert eps_csv == [(e, pytest.approx(v)) for e, v in history]
+
+    events = EventAccumulator(tb_logger.log_dir)
+    events.Reload()
+    assert [s.value for s in events.Scalars("epsilon")] == pytest.approx([v for _, v in history])
+
+    assert float(trainer.progress_bar_metrics["epsilon"]) == pytest.approx(budget.epsilon)
+    assert report.path == Path(trainer.log_dir) / "privacy_report.png"
+    _assert_png(report.path, width=1000)

@@ -85,9 +85,10 @@ class _Contribution:
         """Per-example gradients ``(B, rows, cols)`` (a temporary, freed by the caller)."""
         if self.index:
             cols = self.right.shape[-1]
-            out = self.right.new_zeros(self.right.shape[0], n_rows, cols)
-            return out.scatter_add_(1, self.left.unsqueeze(-1).expand(-1, -1, cols), self.right)
-        return torch.bmm(self.left.transpose(1, 2), self.right)
+            right = _up(self.right)
+            out = right.new_zeros(right.shape[0], n_rows, cols)
+            return out.scatter_add_(1, self.left.unsqueeze(-1).expand(-1, -1, cols), right)
+        return torch.bmm(_up(self.left).transpose(1, 2), _up(self.right))
 
 
 @dataclass
@@ -111,6 +112,29 @@ def _norm_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _up(t: Tensor) -> Tensor:
+    """Floating factors in at least float32: under bf16/fp16 autocast the recorded activations and
+    output gradients are half precision, but norms, clipping weights and clipped sums are not
+    (a bf16 sum over ``T`` loses the digits the clipping factor depends on)."""
+    return t.to(_norm_dtype(t)) if t.is_floating_point() else t
+
+
+def _autocast(*ts: Tensor | None) -> list[Tensor | None]:
+    """Cast a captured layer's floating inputs as autocast would cast the layer (linear, conv).
+
+    A custom ``autograd.Function`` sees autocast enabled in ``forward`` but not in ``backward``;
+    casting here and saving the cast tensors makes backward see one dtype (and saves the same
+    half-precision activation autocast would have saved).
+    """
+    x = ts[0]
+    assert x is not None
+    dev = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(dev)):
+        return list(ts)
+    dtype = torch.get_autocast_dtype(dev)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in ts]
+
+
 def _gram(f1: Tensor, f2: Tensor) -> Tensor:
     """``F1 F2^T`` per example, ``(B, T1, T2)``; integer factors are one-hot rows."""
     idx1, idx2 = not f1.is_floating_point(), not f2.is_floating_point()
@@ -128,10 +152,10 @@ def _inner(c1: _Contribution, c2: _Contribution) -> Tensor:
     dtype = _norm_dtype(c1.right)
     if c1.left.dim() == 3 and c2.left.dim() == 3 and c1.left.shape[1] == 1 and c2.left.shape[1] == 1:
         # T = 1 (an MLP): the Gram matrices are scalars.
-        left = (c1.left * c2.left).sum((1, 2), dtype=dtype)
-        return left * (c1.right * c2.right).sum((1, 2), dtype=dtype)
-    gl = _gram(c1.left, c2.left).to(dtype)
-    gr = _gram(c1.right, c2.right).to(dtype)
+        left = (_up(c1.left) * _up(c2.left)).sum((1, 2), dtype=dtype)
+        return left * (_up(c1.right) * _up(c2.right)).sum((1, 2), dtype=dtype)
+    gl = _gram(_up(c1.left), _up(c2.left)).to(dtype)
+    gr = _gram(_up(c1.right), _up(c2.right)).to(dtype)
     return (gl * gr).sum((1, 2))
 
 
@@ -189,12 +213,12 @@ def _overlapping(blocks: list[tuple[int, int]]) -> bool:
 
 def _weighted_sum_of(c: _Contribution, weights: Tensor, n_rows: int) -> Tensor:
     r""":math:`\sum_i w_i L_i^\top R_i = (w \odot L)^\top R` as one contraction, shape ``(rows, cols)``."""
-    right = c.right
+    right = _up(c.right)
     w = weights.to(device=right.device, dtype=right.dtype).view(-1, 1, 1)
     if c.index:
         out = right.new_zeros(n_rows, right.shape[-1])
         return out.index_add_(0, c.left.reshape(-1), (right * w).reshape(-1, right.shape[-1]))
-    left = c.left
+    left = _up(c.left)
     # Fold the weights into the smaller factor.
     if left.shape[-1] <= right.shape[-1]:
         left = left * w
@@ -223,6 +247,7 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, handle: _Handle) -> Tensor:
+        x, weight, bias = _autocast(x, weight, bias)  # type: ignore[assignment]
         ctx.save_for_backward(x, weight)
         ctx.handle = handle
         return _linear(x, weight, bias)
@@ -231,6 +256,7 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
         x, weight = ctx.saved_tensors
         handle: _Handle = ctx.handle
+        grad_out = grad_out.to(weight.dtype)
         grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
         bd = handle.batch_dim
         if handle.weight is not None:
@@ -238,7 +264,8 @@ class _LinearFn(torch.autograd.Function):
             contribution = _Contribution(_as_btn(grad_out, bd), _as_btn(x, bd), handle.weight_rows)
             handle.engine._record_weight(handle.weight, contribution)
         if handle.bias is not None:
-            handle.engine._record_vector(handle.bias, handle.bias_rows, _as_btn(grad_out, bd).sum(1))
+            grad_b = _as_btn(grad_out, bd).sum(1, dtype=_norm_dtype(grad_out))
+            handle.engine._record_vector(handle.bias, handle.bias_rows, grad_b)
         del ctx.handle
         return grad_x, None, None, None
 
@@ -276,6 +303,7 @@ class _ConvFn(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, handle: _Handle
     ) -> Tensor:
         stride, padding, dilation = conv
+        x, weight, bias = _autocast(x, weight, bias)  # type: ignore[assignment]
         ctx.save_for_backward(x, weight)
         ctx.conv, ctx.handle = conv, handle
         fn = F.conv1d if x.dim() == 3 else F.conv2d
@@ -286,6 +314,7 @@ class _ConvFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         handle: _Handle = ctx.handle
         stride, padding, dilation = ctx.conv
+        grad_out = grad_out.to(weight.dtype)
         n = x.dim() - 2
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -308,7 +337,7 @@ class _ConvFn(torch.autograd.Function):
                 cols = F.unfold(x, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
             handle.engine._record_weight(handle.weight, _Contribution(left, cols.transpose(1, 2)))
         if handle.bias is not None:
-            handle.engine._record_vector(handle.bias, None, left.sum(1))
+            handle.engine._record_vector(handle.bias, None, left.sum(1, dtype=_norm_dtype(left)))
         del ctx.handle
         return grad_x, None, None, None, None
 
@@ -340,10 +369,11 @@ class _AffineFn(torch.autograd.Function):
         reduce_dims = [d for d, size in enumerate(ctx.view) if size == 1 and d != handle.batch_dim]
 
         def per_example(t: Tensor) -> Tensor:
+            t = _up(t)
             return t.sum(reduce_dims) if reduce_dims else t  # sum([]) would sum everything
 
         if handle.weight is not None:
-            handle.engine._record_vector(handle.weight, None, per_example(grad_out * xhat))
+            handle.engine._record_vector(handle.weight, None, per_example(_up(grad_out) * _up(xhat)))
         if handle.bias is not None:
             handle.engine._record_vector(handle.bias, None, per_example(grad_out))
         del ctx.handle

@@ -1,0 +1,420 @@
+"""Step time and peak memory of DP training against non-private training, one process per configuration.
+
+Trains the same model, on the same synthetic batches, in these modes:
+
+=================  ==========================================================================
+``nonprivate``     Lightning Trainer, default strategy (the reference for dp_auto)
+``dp_auto_bk``     Lightning Trainer, ``DPAutoStrategy(engine="bk")``  (what users run)
+``dp_auto_hooks``  Lightning Trainer, ``DPAutoStrategy(engine="hooks")``
+``loop``           plain PyTorch loop, non-private (the reference for the loop modes)
+``bk_loop``        plain loop driving ``BookKeepingEngine`` + clipping + noise as the strategy does
+``opacus_hooks``   plain loop, ``PrivacyEngine.make_private(grad_sample_mode="hooks")``
+``opacus_ghost``   plain loop, ``PrivacyEngine.make_private(grad_sample_mode="ghost")``
+=================  ==========================================================================
+
+A step is forward + backward + clipping + noise + optimizer step (SGD). Each configuration runs
+in a fresh subprocess with ``torch.set_num_threads(2)``, one at a time; the median step time is
+taken over the steps after warm-up. Peak memory: ``ru_maxrss`` at the end minus the resident set
+size just before the model is built (after imports and data), i.e. the high-water mark of
+everything training allocates: parameters, optimizer state, activations, per-sample state.
+
+Usage::
+
+    python benchmarks/run.py --quick          # a couple of minutes: fewer steps, no large model
+    python benchmarks/run.py                  # full run, writes benchmarks/results.{md,json}
+    python benchmarks/run.py --profile        # torch.profiler table of engine='bk' on the transformer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+MODELS: dict[str, dict[str, Any]] = {
+    "mlp": dict(kind="mlp", batch=256, sizes=(784, 512, 512, 10)),
+    "transformer": dict(kind="transformer", batch=32, seq=64, d=256, heads=4, ff=1024, layers=2, vocab=1000),
+    "transformer_large": dict(
+        kind="transformer", batch=16, seq=128, d=384, heads=6, ff=1536, layers=3, vocab=1000
+    ),
+}
+MODES = ["nonprivate", "dp_auto_bk", "dp_auto_hooks", "loop", "bk_loop", "opacus_hooks", "opacus_ghost"]
+NOISE, MAX_GRAD_NORM, LR = 1.0, 1.0, 1e-3
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------ one worker
+
+
+def _build(cfg: dict[str, Any], n: int):
+    """Model factory, dataset tensors and the per-example loss (mean over the batch)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    if cfg["kind"] == "mlp":
+        sizes = cfg["sizes"]
+        x = torch.randn(n, sizes[0], generator=g)
+        y = torch.randint(0, sizes[-1], (n,), generator=g)
+
+        def make() -> nn.Module:
+            torch.manual_seed(0)
+            layers: list[nn.Module] = []
+            for a, b in zip(sizes[:-1], sizes[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            return nn.Sequential(*layers[:-1])
+
+        def forward(net: nn.Module, xb, yb):
+            return net(xb), yb
+
+        return make, (x, y), forward, nn.CrossEntropyLoss(), None
+    from lightning.pytorch.demos import Transformer
+
+    x = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
+    y = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return Transformer(
+            vocab_size=cfg["vocab"],
+            ninp=cfg["d"],
+            nhead=cfg["heads"],
+            nhid=cfg["ff"],
+            nlayers=cfg["layers"],
+            dropout=0.0,
+        )
+
+    def forward(net: nn.Module, xb, yb):
+        # log-probabilities (B*T, V); loss: mean over tokens and examples (nll)
+        return net(xb, yb), yb.reshape(-1)
+
+    shape = (cfg["batch"], cfg["seq"], cfg["vocab"])
+    del F
+    return make, (x, y), forward, nn.NLLLoss(), shape
+
+
+def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(2)
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_autodp  # noqa: F401
+    from lightning_autodp import DPAutoStrategy
+
+    cfg = MODELS[model_name]
+    total = steps + warmup
+    make, (x, y), forward, criterion, shape = _build(cfg, cfg["batch"] * total)
+    loader = DataLoader(TensorDataset(x, y), batch_size=cfg["batch"], shuffle=False)
+    times: list[float] = []
+    baseline = _rss_mb()
+    net = make()
+
+    if mode in ("nonprivate", "dp_auto_bk", "dp_auto_hooks"):
+
+        class Task(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def training_step(self, batch, batch_idx):
+                out, target = forward(self.net, *batch)
+                return criterion(out, target)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=LR)
+
+        class Timer(L.Callback):
+            def on_train_batch_start(self, *args: Any) -> None:
+                self.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, *args: Any) -> None:
+                times.append(time.perf_counter() - self.t0)
+
+        strategy: Any = "auto"
+        if mode != "nonprivate":
+            strategy = DPAutoStrategy(
+                noise_multiplier=NOISE,
+                max_grad_norm=MAX_GRAD_NORM,
+                engine=mode.removeprefix("dp_auto_"),
+                poisson_sampling=False,  # fixed batch shapes, as in the Opacus runs
+            )
+        trainer = L.Trainer(
+            strategy=strategy,
+            accelerator="cpu",
+            devices=1,
+            max_steps=total,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Timer()],
+        )
+        trainer.fit(Task(), loader)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+        step = _loop_step(mode, net, optimizer, loader, forward, criterion, shape)
+        prof = None
+        for i, batch in enumerate(loader):
+            if profile and i == warmup:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                prof.__enter__()
+            t0 = time.perf_counter()
+            step(batch)
+            times.append(time.perf_counter() - t0)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            (HERE / f"profile_{mode}_{model_name}.txt").write_text(table)
+    timed = times[warmup:]
+    return dict(
+        model=model_name,
+        mode=mode,
+        steps=len(timed),
+        median_step_s=statistics.median(timed),
+        peak_mb=_maxrss_mb() - baseline,
+        baseline_rss_mb=baseline,
+    )
+
+
+def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
+    import torch
+
+    if mode == "loop":
+
+        def step(batch):
+            optimizer.zero_grad(set_to_none=True)
+            out, target = forward(net, *batch)
+            criterion(out, target).backward()
+            optimizer.step()
+
+        return step
+    if mode == "bk_loop":
+        from lightning_autodp.clipping import clip_factors
+        from lightning_autodp.engines.bk import BookKeepingEngine
+        from lightning_autodp.noise import NoiseSource
+
+        engine = BookKeepingEngine(net)
+        noise = NoiseSource(seed=0)
+
+        def step(batch):
+            # The strategy's arithmetic (DPAutoStrategy._clip_and_accumulate / _privatize_gradients).
+            with engine.capturing():
+                out, target = forward(net, *batch)
+                loss = criterion(out, target)
+                loss.backward()
+            b = engine.batch_size
+            scale = 1.0 / b
+            norms = engine.per_sample_squared_norms().sqrt() / scale
+            factors = clip_factors(norms, "auto_s", MAX_GRAD_NORM, 0.01)
+            summed: dict = {}
+            engine.accumulate_weighted_sum(factors / scale, summed)
+            engine.reset()
+            for p in engine.params:
+                s = summed.pop(p, None)
+                s = torch.zeros_like(p) if s is None else s
+                s.add_(noise.gaussian(NOISE * MAX_GRAD_NORM, like=s))
+                p.grad = s / b
+            optimizer.step()
+
+        return step
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+
+    # Opacus cannot hook nn.MultiheadAttention: its own fix swaps in DPMultiheadAttention, as an
+    # Opacus user would have to. On lightning's demo Transformer that still fails (Opacus 1.6:
+    # DPMultiheadAttention rejects is_causal, and its batch_first mask check compares against the
+    # batch size; ghost clipping rejects the embedding called twice); the table records the error.
+    if ModuleValidator.validate(net, strict=False):
+        net = ModuleValidator.fix(net)
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    engine = PrivacyEngine()
+    grad_sample_mode = mode.removeprefix("opacus_")
+    if grad_sample_mode == "hooks":
+        model, dp_opt, _ = engine.make_private(
+            module=net,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=NOISE,
+            max_grad_norm=MAX_GRAD_NORM,
+            poisson_sampling=False,
+            grad_sample_mode="hooks",
+        )
+
+        def step(batch):
+            dp_opt.zero_grad(set_to_none=True)
+            out, target = forward(model, *batch)
+            criterion(out, target).backward()
+            dp_opt.step()
+
+        return step
+    model, dp_opt, dp_criterion, _ = engine.make_private(
+        module=net,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=criterion,
+        noise_multiplier=NOISE,
+        max_grad_norm=MAX_GRAD_NORM,
+        poisson_sampling=False,
+        grad_sample_mode="ghost",
+    )
+
+    def step(batch):
+        dp_opt.zero_grad(set_to_none=True)
+        out, target = forward(model, *batch)
+        loss = dp_criterion(out, target, shape=shape) if shape else dp_criterion(out, target)
+        loss.backward()
+        dp_opt.step()
+
+    return step
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def _run_one(model: str, mode: str, steps: int, warmup: int, profile: bool = False) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", model, mode, "--steps", str(steps), "--warmup", str(warmup)]
+    if profile:
+        cmd.append("--profile")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {model:18s} {mode:14s} FAILED: {err}", flush=True)
+        return dict(model=model, mode=mode, error=err)
+    result = json.loads(lines[-1])
+    print(
+        f"  {model:18s} {mode:14s} {result['median_step_s'] * 1e3:9.1f} ms/step  "
+        f"peak {result['peak_mb']:8.1f} MB  ({time.time() - t0:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {(r["model"], r["mode"]): r for r in results if "error" not in r}
+    rows = []
+    for r in results:
+        row = dict(r)
+        if "error" not in r:
+            ref_mode = (
+                "nonprivate" if r["mode"].startswith("dp_auto") or r["mode"] == "nonprivate" else "loop"
+            )
+            ref = by.get((r["model"], ref_mode))
+            if ref:
+                row["time_ratio"] = r["median_step_s"] / ref["median_step_s"]
+                row["memory_ratio"] = r["peak_mb"] / ref["peak_mb"]
+            for other in ("opacus_hooks", "dp_auto_hooks"):
+                hooks = by.get((r["model"], other))
+                if hooks:
+                    row[f"speedup_vs_{other}"] = hooks["median_step_s"] / r["median_step_s"]
+        rows.append(row)
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    out = [
+        "| model | mode | median step (ms) | time / non-private | peak MB | memory / non-private "
+        "| speed-up vs Opacus hooks | speed-up vs dp_auto hooks |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:90]} | | | | | |")
+            continue
+        nan = float("nan")
+        out.append(
+            f"| {r['model']} | {r['mode']} | {r['median_step_s'] * 1e3:.1f} "
+            f"| {r.get('time_ratio', nan):.2f}x "
+            f"| {r['peak_mb']:.0f} | {r.get('memory_ratio', nan):.2f}x "
+            f"| {r.get('speedup_vs_opacus_hooks', nan):.1f}x "
+            f"| {r.get('speedup_vs_dp_auto_hooks', nan):.1f}x |"
+        )
+    out.append("")
+    out.append(
+        f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps; torch {meta['torch']}, "
+        f"opacus {meta['opacus']}, lightning {meta['lightning']}, {meta['cpu']}, 2 threads. "
+        "dp_auto_* rows are relative to `nonprivate` (Lightning Trainer); loop rows (bk_loop, "
+        "opacus_*) to `loop` (plain PyTorch). The machine was shared with other jobs while this ran, "
+        "so absolute times are noisy; the ratios come from the same run, one configuration at a time."
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no large model")
+    parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="profile bk_loop on the transformer")
+    parser.add_argument("--out", default=str(HERE / "results"), help="output path without extension")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(*args.worker, args.steps, args.warmup, args.profile)
+        print(json.dumps(result), flush=True)
+        return
+    steps = args.steps or (5 if args.quick else 20)
+    warmup = args.warmup or (2 if args.quick else 3)
+    if args.profile:
+        _run_one("transformer", "bk_loop", steps, warmup, profile=True)
+        _run_one("transformer", "loop", steps, warmup, profile=True)
+        return
+    models = (
+        args.models.split(",") if args.models else (["mlp", "transformer"] if args.quick else list(MODELS))
+    )
+    modes = args.modes.split(",") if args.modes else MODES
+    import lightning
+    import opacus
+    import torch
+
+    meta = dict(
+        steps=steps,
+        warmup=warmup,
+        torch=torch.__version__,
+        opacus=opacus.__version__,
+        lightning=lightning.__version__,
+        cpu=f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+        python=platform.python_version(),
+        models=MODELS,
+    )
+    results = []
+    for model in models:
+        for mode in modes:
+            results.append(_run_one(model, mode, steps, warmup))
+    rows = _ratios(results)
+    Path(args.out + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    table = _markdown(rows, meta)
+    print(table)
+    Path(args.out + ".md").write_text("# Benchmark results (benchmarks/run.py)\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
