@@ -110,7 +110,7 @@ def train(private: bool, args: argparse.Namespace) -> dict[str, float]:
         strategy = DPAutoStrategy(
             noise_multiplier=None if args.target_epsilon else args.noise_multiplier, engine=args.engine
         )
-        # Without a target it only accounts: the epsilon of sigma = --noise-multiplier is printed.
+        # Without a target it only accounts: the epsilon of --noise-multiplier is printed.
         callbacks.append(lightning_autodp.PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta))
     trainer = L.Trainer(
         strategy=strategy,
