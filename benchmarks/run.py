@@ -5,6 +5,7 @@ Trains the same model, on the same synthetic batches, in these modes:
 =================  ==========================================================================
 ``nonprivate``     Lightning Trainer, default strategy (the reference for dp_auto)
 ``dp_auto_bk``     Lightning Trainer, ``DPAutoStrategy(engine="bk")``  (what users run)
+``dp_auto_ghost``  Lightning Trainer, ``DPAutoStrategy(engine="ghost")`` (two backward passes)
 ``dp_auto_hooks``  Lightning Trainer, ``DPAutoStrategy(engine="hooks")``
 ``loop``           plain PyTorch loop, non-private (the reference for the loop modes)
 ``bk_loop``        plain loop driving ``BookKeepingEngine`` + clipping + noise as the strategy does
@@ -14,9 +15,13 @@ Trains the same model, on the same synthetic batches, in these modes:
 
 A step is forward + backward + clipping + noise + optimizer step (SGD). Each configuration runs
 in a fresh subprocess with ``torch.set_num_threads(2)``, one at a time; the median step time is
-taken over the steps after warm-up. Peak memory: ``ru_maxrss`` at the end minus the resident set
-size just before the model is built (after imports and data), i.e. the high-water mark of
-everything training allocates: parameters, optimizer state, activations, per-sample state.
+taken over the steps after warm-up. Two peaks of memory:
+
+* peak RSS: ``ru_maxrss`` after the timed steps minus the resident set size just before the model
+  is built (after imports and data), i.e. the high-water mark of everything training allocates
+  (parameters, optimizer state, activations, per-sample state) as the C allocator holds it;
+* peak tensor memory: the largest total of live tensors during one more (profiled, untimed) step,
+  from torch.profiler's memory timeline, the CPU counterpart of ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
@@ -39,6 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -48,8 +56,13 @@ MODELS: dict[str, dict[str, Any]] = {
     "transformer_large": dict(
         kind="transformer", batch=16, seq=128, d=384, heads=6, ff=1536, layers=3, vocab=1000
     ),
+    # The demo Transformer's sizes as an encoder that Opacus 1.6 can run (see _build).
+    "encoder": dict(kind="encoder", batch=32, seq=64, d=256, heads=4, ff=1024, layers=4, vocab=1000),
 }
-MODES = ["nonprivate", "dp_auto_bk", "dp_auto_hooks", "loop", "bk_loop", "opacus_hooks", "opacus_ghost"]
+MODES = [
+    "nonprivate", "dp_auto_bk", "dp_auto_ghost", "dp_auto_hooks",
+    "loop", "bk_loop", "opacus_hooks", "opacus_ghost",
+]  # fmt: skip
 NOISE, MAX_GRAD_NORM, LR = 1.0, 1.0, 1e-3
 
 
@@ -92,6 +105,9 @@ def _build(cfg: dict[str, Any], n: int):
 
     x = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
     y = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
+    shape = (cfg["batch"], cfg["seq"], cfg["vocab"])
+    if cfg["kind"] == "encoder":
+        return _encoder(cfg), (x, y), _encoder_forward, nn.NLLLoss(), shape
 
     def make() -> nn.Module:
         torch.manual_seed(0)
@@ -108,9 +124,67 @@ def _build(cfg: dict[str, Any], n: int):
         # log-probabilities (B*T, V); loss: mean over tokens and examples (nll)
         return net(xb, yb), yb.reshape(-1)
 
-    shape = (cfg["batch"], cfg["seq"], cfg["vocab"])
     del F
     return make, (x, y), forward, nn.NLLLoss(), shape
+
+
+class Encoder(nn.Module):
+    """A token tagger of the demo Transformer's width: embeddings, ``layers`` encoder layers
+    (the demo has ``layers`` encoder and ``layers`` decoder layers), a vocabulary head.
+
+    Opacus 1.6 cannot run the demo Transformer (causal masks in DPMultiheadAttention, the
+    embedding used twice under ghost clipping), so this model, with no mask, no tied weights and
+    positions as a batch-first ``(B, T)`` embedding input, is where dp_auto meets Opacus on a
+    transformer. (At module level: Opacus deep-copies the model.)
+    """
+
+    def __init__(self, vocab: int, seq: int, d: int, heads: int, ff: int, layers: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, d)
+        self.position = nn.Embedding(seq, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoder = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
+        h = self.encoder(self.embedding(ids) + self.position(positions))
+        return torch.log_softmax(self.decoder(h), dim=-1).flatten(0, 1)
+
+
+def _encoder(cfg: dict[str, Any]):
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return Encoder(cfg["vocab"], cfg["seq"], cfg["d"], cfg["heads"], cfg["ff"], cfg["layers"])
+
+    return make
+
+
+def _encoder_forward(net, xb, yb):
+    return net(xb), yb.reshape(-1)
+
+
+def _tensor_peak_mb(prof) -> float:
+    """Peak bytes of live tensors in a profiled step (torch.profiler's memory timeline): the CPU
+    counterpart of ``torch.cuda.max_memory_allocated``, free of the C allocator's behaviour."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return max(sum(s) for s in sizes) / 2**20
+
+
+def _memory_profiler():
+    import torch
+
+    return torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+    )
 
 
 def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -> dict[str, Any]:
@@ -124,14 +198,15 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
     from lightning_autodp import DPAutoStrategy
 
     cfg = MODELS[model_name]
-    total = steps + warmup
+    total = steps + warmup + 1  # the last step is profiled for tensor memory, not timed
     make, (x, y), forward, criterion, shape = _build(cfg, cfg["batch"] * total)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg["batch"], shuffle=False)
     times: list[float] = []
+    peaks: dict[str, float] = {}
     baseline = _rss_mb()
     net = make()
 
-    if mode in ("nonprivate", "dp_auto_bk", "dp_auto_hooks"):
+    if mode == "nonprivate" or mode.startswith("dp_auto_"):
 
         class Task(L.LightningModule):
             def __init__(self) -> None:
@@ -147,10 +222,17 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
 
         class Timer(L.Callback):
             def on_train_batch_start(self, *args: Any) -> None:
+                if len(times) == total - 1:
+                    peaks["rss"] = _maxrss_mb()
+                    self.prof = _memory_profiler()
+                    self.prof.__enter__()
                 self.t0 = time.perf_counter()
 
             def on_train_batch_end(self, *args: Any) -> None:
                 times.append(time.perf_counter() - self.t0)
+                if len(times) == total:
+                    self.prof.__exit__(None, None, None)
+                    peaks["tensor"] = _tensor_peak_mb(self.prof)
 
         strategy: Any = "auto"
         if mode != "nonprivate":
@@ -176,24 +258,30 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
         optimizer = torch.optim.SGD(net.parameters(), lr=LR)
         step = _loop_step(mode, net, optimizer, loader, forward, criterion, shape)
         prof = None
-        for i, batch in enumerate(loader):
+        batches = list(loader)
+        for i, batch in enumerate(batches[:-1]):
             if profile and i == warmup:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof.__enter__()
             t0 = time.perf_counter()
             step(batch)
             times.append(time.perf_counter() - t0)
+        peaks["rss"] = _maxrss_mb()
+        with _memory_profiler() as mem_prof:
+            step(batches[-1])
+        peaks["tensor"] = _tensor_peak_mb(mem_prof)
         if prof is not None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
             (HERE / f"profile_{mode}_{model_name}.txt").write_text(table)
-    timed = times[warmup:]
+    timed = times[warmup : warmup + steps]
     return dict(
         model=model_name,
         mode=mode,
         steps=len(timed),
         median_step_s=statistics.median(timed),
-        peak_mb=_maxrss_mb() - baseline,
+        peak_mb=peaks["rss"] - baseline,
+        tensor_peak_mb=peaks["tensor"],
         baseline_rss_mb=baseline,
     )
 
@@ -327,6 +415,7 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if ref:
                 row["time_ratio"] = r["median_step_s"] / ref["median_step_s"]
                 row["memory_ratio"] = r["peak_mb"] / ref["peak_mb"]
+                row["tensor_memory_ratio"] = r["tensor_peak_mb"] / ref["tensor_peak_mb"]
             for other in ("opacus_hooks", "dp_auto_hooks"):
                 hooks = by.get((r["model"], other))
                 if hooks:
@@ -335,31 +424,34 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _x(row: dict[str, Any], key: str, digits: int) -> str:
+    """A ratio as ``1.23x``, or ``-`` where its reference did not run."""
+    return f"{row[key]:.{digits}f}x" if key in row else "-"
+
+
 def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [
-        "| model | mode | median step (ms) | time / non-private | peak MB | memory / non-private "
-        "| speed-up vs Opacus hooks | speed-up vs dp_auto hooks |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | mode | median step (ms) | time / non-private | peak RSS MB | RSS / non-private "
+        "| peak tensor MB | tensors / non-private | speed-up vs Opacus hooks | speed-up vs dp_auto hooks |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:90]} | | | | | |")
+            out.append(f"| {r['model']} | {r['mode']} | failed: {r['error'][:90]} | | | | | | | |")
             continue
-        nan = float("nan")
         out.append(
             f"| {r['model']} | {r['mode']} | {r['median_step_s'] * 1e3:.1f} "
-            f"| {r.get('time_ratio', nan):.2f}x "
-            f"| {r['peak_mb']:.0f} | {r.get('memory_ratio', nan):.2f}x "
-            f"| {r.get('speedup_vs_opacus_hooks', nan):.1f}x "
-            f"| {r.get('speedup_vs_dp_auto_hooks', nan):.1f}x |"
+            f"| {_x(r, 'time_ratio', 2)} | {r['peak_mb']:.0f} | {_x(r, 'memory_ratio', 2)} "
+            f"| {r['tensor_peak_mb']:.0f} | {_x(r, 'tensor_memory_ratio', 2)} "
+            f"| {_x(r, 'speedup_vs_opacus_hooks', 1)} | {_x(r, 'speedup_vs_dp_auto_hooks', 1)} |"
         )
     out.append("")
     out.append(
         f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps; torch {meta['torch']}, "
         f"opacus {meta['opacus']}, lightning {meta['lightning']}, {meta['cpu']}, 2 threads. "
         "dp_auto_* rows are relative to `nonprivate` (Lightning Trainer); loop rows (bk_loop, "
-        "opacus_*) to `loop` (plain PyTorch). The machine was shared with other jobs while this ran, "
-        "so absolute times are noisy; the ratios come from the same run, one configuration at a time."
+        "opacus_*) to `loop` (plain PyTorch). Absolute times on this 2-core machine are noisy; "
+        "the ratios come from the same run, one configuration at a time."
     )
     return "\n".join(out)
 

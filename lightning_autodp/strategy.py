@@ -66,8 +66,10 @@ class DPAutoStrategy(DDPStrategy):
             :math:`q` = ``batch_size * accumulate_grad_batches * world_size / len(dataset)``, the
             sampling the privacy accounting assumes. Without it batches are used as they come.
         engine: how per-example norms and clipped sums are computed: ``"bk"`` (one backward pass,
-            no per-example gradients), ``"hooks"`` (Opacus per-sample gradients, exact for any
-            layer Opacus supports) or ``"auto"`` (``"bk"`` when it supports every layer).
+            no per-example gradients; keeps layer inputs and output gradients until the end of
+            backward), ``"ghost"`` (the same layers with two backward passes: more time, peak
+            memory of non-private training), ``"hooks"`` (Opacus per-sample gradients, exact for
+            any layer Opacus supports) or ``"auto"`` (``"bk"`` when it supports every layer).
         loss_reduction: ``"mean"`` if ``training_step`` returns the mean of the examples' losses
             (the default, as ``F.cross_entropy`` does), ``"sum"`` if it returns their sum.
         secure_mode: draw noise from the operating system's CSPRNG with Opacus's mitigation of
@@ -99,7 +101,7 @@ class DPAutoStrategy(DDPStrategy):
         gamma: float = 0.01,
         max_grad_norm: float = 1.0,
         poisson_sampling: bool = True,
-        engine: Literal["auto", "bk", "hooks"] = "auto",
+        engine: Literal["auto", "bk", "ghost", "hooks"] = "auto",
         loss_reduction: Literal["mean", "sum"] = "mean",
         secure_mode: bool = False,
         timeout: timedelta | None = default_pg_timeout,
@@ -372,11 +374,31 @@ class DPAutoStrategy(DDPStrategy):
                 f"{tuple(closure_loss.shape)}. "
                 "Reduce it with .mean() (loss_reduction='mean') or .sum() (loss_reduction='sum')."
             )
+        assert self._engine is not None
         try:
-            closure_loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+            if self._engine.needs_backward_root:
+                closure_loss = self._backward_keeping_graph(closure_loss, optimizer, *args, **kwargs)
+            else:
+                closure_loss = super().backward(closure_loss, optimizer, *args, **kwargs)
         finally:
             self._close_capture()
         self._clip_and_accumulate()
+        return closure_loss
+
+    def _backward_keeping_graph(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """``Strategy.backward`` with the graph retained and the loss that was backpropagated
+        (after the precision plugin's GradScaler scaling) handed to a two-pass engine."""
+        assert self._engine is not None
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        kwargs["retain_graph"] = True
+        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        self._engine.set_backward_root(closure_loss)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
         return closure_loss
 
     def _close_capture(self) -> None:

@@ -86,7 +86,7 @@ def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     assert rank0["epsilon"] <= 2.0 < opacus_epsilon("rdp", [(2.0, q, rank0["steps"] + 1)], delta=1e-3)
 
 
-@pytest.mark.parametrize("engine", ["bk", "hooks"])
+@pytest.mark.parametrize("engine", ["bk", "ghost", "hooks"])
 def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path, engine):
     runs = []
     for name in ("first", "second"):

@@ -1,4 +1,4 @@
-"""The book-keeping engine against a per-example loop (one forward + backward per example)."""
+"""The book-keeping and ghost-clipping engines against a per-example loop (one backward per example)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from reference import per_example_gradients
 from torch import Tensor, nn
 
-from lightning_autodp.engines.bk import BookKeepingEngine
+from lightning_autodp.engines.bk import BookKeepingEngine, GhostClippingEngine
+
+ENGINES = [BookKeepingEngine, GhostClippingEngine]
 
 LossFn = Callable[[nn.Module, Tensor], Tensor]  # (net, inputs) -> per-example losses (b,)
 
@@ -165,10 +167,12 @@ def _reference(net: nn.Module, x: Tensor, loss: LossFn) -> tuple[list[nn.Paramet
     return [p for p in net.parameters() if p.requires_grad], grads
 
 
-def _engine_outputs(net: nn.Module, x: Tensor, loss: LossFn, weights: Tensor):
-    engine = BookKeepingEngine(net)
+def _engine_outputs(net: nn.Module, x: Tensor, loss: LossFn, weights: Tensor, engine_cls=BookKeepingEngine):
+    engine = engine_cls(net)
     with engine.capturing():
-        loss(net, x).sum().backward()
+        total = loss(net, x).sum()
+        total.backward(retain_graph=engine.needs_backward_root)
+    engine.set_backward_root(total)
     sq_norms = engine.per_sample_squared_norms()
     summed: dict[nn.Parameter, Tensor] = {}
     engine.accumulate_weighted_sum(weights, summed)
@@ -188,15 +192,16 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("engine_cls", ENGINES)
 @pytest.mark.parametrize("case", CASES)
-def test_norms_and_weighted_sum_match_per_example_loop(case):
+def test_norms_and_weighted_sum_match_per_example_loop(case, engine_cls):
     net, x, loss = _case(case)
     ref_net = copy.deepcopy(net)
     params, grads = _reference(ref_net, x, loss)
     ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
     weights = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
 
-    engine, sq_norms, summed, batch = _engine_outputs(net, x, loss, weights)
+    engine, sq_norms, summed, batch = _engine_outputs(net, x, loss, weights, engine_cls)
 
     assert batch == x.shape[0]
     assert sq_norms.dtype == torch.float64
@@ -212,16 +217,18 @@ def test_norms_and_weighted_sum_match_per_example_loop(case):
     engine.remove()
 
 
-def test_tied_weights_include_cross_terms():
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_tied_weights_include_cross_terms(engine_cls):
     """Without the cross term <g_emb, g_head> the norm would be wrong: check it is not negligible."""
     net, x, loss = _case("tied")
     params, grads = _reference(copy.deepcopy(net), x, loss)
     shared = [k for k, p in enumerate(net.parameters()) if p is net.embedding.weight][0]
-    engine, sq_norms, _, _ = _engine_outputs(net, x, loss, torch.ones(x.shape[0], dtype=torch.float64))
+    ones = torch.ones(x.shape[0], dtype=torch.float64)
+    engine, sq_norms, _, _ = _engine_outputs(net, x, loss, ones, engine_cls)
     # The same model with the weight untied: each copy's norm separately, no cross term.
     untied = copy.deepcopy(net)
     untied.head.weight = nn.Parameter(untied.embedding.weight.detach().clone())
-    _, untied_sq, _, _ = _engine_outputs(untied, x, loss, torch.ones(x.shape[0], dtype=torch.float64))
+    _, untied_sq, _, _ = _engine_outputs(untied, x, loss, ones, engine_cls)
     ref = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
     assert _rel(sq_norms, ref) < 1e-10
     assert _rel(untied_sq, ref) > 1e-3  # the cross terms matter in this test
@@ -229,7 +236,8 @@ def test_tied_weights_include_cross_terms():
     engine.remove()
 
 
-def test_frozen_and_unused_parameters():
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_frozen_and_unused_parameters(engine_cls):
     g = torch.Generator().manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 2)).double()
     net[0].weight.requires_grad_(False)  # frozen weight, trainable bias
@@ -240,7 +248,8 @@ def test_frozen_and_unused_parameters():
 
     x = torch.randn(5, 4, generator=g, dtype=torch.float64)
     params, grads = _reference(copy.deepcopy(net), x, loss)
-    engine, sq_norms, summed, _ = _engine_outputs(net, x, loss, torch.ones(5, dtype=torch.float64))
+    ones = torch.ones(5, dtype=torch.float64)
+    engine, sq_norms, summed, _ = _engine_outputs(net, x, loss, ones, engine_cls)
     assert all(p is not net[0].weight for p in engine.params)
     ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
     assert _rel(sq_norms, ref_sq) < 1e-10
@@ -373,3 +382,16 @@ def test_norms_and_weighted_sum_are_float32_under_autocast():
     assert 0 < _rel(norms, ref_norms) < 2e-2
     for p in net.parameters():
         assert _rel(summed[p], ref_summed[p]) < 2e-2
+
+
+def test_ghost_keeps_no_activations_between_its_passes():
+    """The memory contract of engine='ghost': after the first backward only (B,) norms and the
+    small norm-layer/bias gradients remain; every layer's (a, b) has been dropped."""
+    net, x, loss = _case("encoder_layer")
+    engine = GhostClippingEngine(net)
+    with engine.capturing():
+        total = loss(net, x).sum()
+        total.backward(retain_graph=True)
+    assert not engine._pending
+    assert engine._records and all(not rec.weights for rec in engine._records.values())
+    engine.remove()

@@ -47,13 +47,15 @@ def _median_norm(net, x, y) -> float:
     return torch.stack([torch.cat([g.flatten() for g in gi]).norm() for gi in grads]).median().item()
 
 
+@pytest.mark.parametrize("engine", ["hooks", "ghost"])
 @pytest.mark.parametrize("clipping", ["abadi", "auto_s"])
-def test_16_mixed_clips_in_true_units_whatever_the_loss_scale(clipping):
+def test_16_mixed_clips_in_true_units_whatever_the_loss_scale(clipping, engine):
     torch.manual_seed(0)
     net, x, y = make_case("linear", n=16)
     bound = _median_norm(net, x, y)  # Abadi clips half of the examples
     # gamma of the order of ||g_i||, so that AUTO-S depends on the units in which it is applied
-    kwargs = dict(clipping=clipping, max_grad_norm=bound, gamma=bound)
+    # (engine="ghost" backpropagates the scaled loss twice: both passes must be in the same units)
+    kwargs = dict(clipping=clipping, max_grad_norm=bound, gamma=bound, engine=engine)
     fp32 = _sgd_update(net, x, y, **kwargs)
     scaled = _sgd_update(net, x, y, plugins=[_scaler_plugin(2.0**16)], **kwargs)
     unscaled = _sgd_update(net, x, y, plugins=[_scaler_plugin(1.0)], **kwargs)
@@ -98,7 +100,7 @@ def _seeded_run(engine: str, seed: int) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("engine", ["bk", "hooks"])
+@pytest.mark.parametrize("engine", ["bk", "ghost", "hooks"])
 def test_seeded_runs_are_bit_identical(engine):
     first, second = _seeded_run(engine, seed=7), _seeded_run(engine, seed=7)
     assert torch.equal(first, second)

@@ -13,7 +13,7 @@ from reference import per_example_gradients, reference_clipped_mean
 from lightning_autodp import DPAutoStrategy
 
 CASES = ["linear", "linear3d", "conv1d", "conv2d", "embedding", "layernorm", "groupnorm", "transformer"]
-ENGINES = ["hooks", "bk"]
+ENGINES = ["hooks", "bk", "ghost"]
 CLIPPINGS = ["auto_s", "auto_v", "abadi"]
 
 

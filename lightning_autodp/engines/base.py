@@ -42,6 +42,9 @@ class PerSampleEngine(ABC):
 
     #: short name used by ``DPAutoStrategy(engine=...)``
     name: str = "base"
+    #: True for engines that backpropagate the loss a second time (the strategy then keeps the
+    #: graph of the first backward and passes the loss with :meth:`set_backward_root`)
+    needs_backward_root: bool = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -65,6 +68,9 @@ class PerSampleEngine(ABC):
             yield
         finally:
             self._capturing = False
+
+    def set_backward_root(self, root: Tensor) -> None:  # noqa: B027 - optional hook
+        """Receive the scalar that was backpropagated (only for ``needs_backward_root`` engines)."""
 
     @property
     @abstractmethod

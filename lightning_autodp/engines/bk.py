@@ -32,6 +32,12 @@ contributions and
 includes the cross terms. For an embedding ``L`` is the one-hot matrix of token ids, kept as the
 ids themselves. Norm layers and biases have small per-example gradients (``(B, C)``); those are
 computed during backward.
+
+Memory: book-keeping holds every handled layer's ``a`` and ``b`` until backward ends (about twice
+the activation memory). :class:`GhostClippingEngine` (``engine="ghost"``) is the same arithmetic
+in two backward passes, norms in the first and the weighted sums in the second, each layer's
+factors dropped as soon as they are used: peak memory close to non-private training, for a
+second backward pass.
 """
 
 from __future__ import annotations
@@ -227,6 +233,24 @@ def _weighted_sum_of(c: _Contribution, weights: Tensor, n_rows: int) -> Tensor:
     return left.reshape(-1, left.shape[-1]).t().mm(right.reshape(-1, right.shape[-1]))
 
 
+def _weighted_sum_of_weight(
+    param: nn.Parameter, contributions: list[_Contribution], weights: Tensor
+) -> Tensor:
+    r""":math:`\sum_i w_i g_i[param]` over all the uses of ``param``, shaped like ``param``."""
+    acc = None
+    for c in contributions:
+        rows = c.rows or (0, param.shape[0])
+        g = _weighted_sum_of(c, weights, rows[1] - rows[0])
+        if c.rows is None and acc is None:
+            acc = g.to(_norm_dtype(g))
+            continue
+        if acc is None:
+            acc = torch.zeros(param.shape[0], g.shape[-1], dtype=_norm_dtype(g), device=g.device)
+        acc[rows[0] : rows[1]] += g
+    assert acc is not None
+    return acc.view(param.shape)
+
+
 # ------------------------------------------------------------------- autograd functions
 
 
@@ -250,6 +274,7 @@ class _LinearFn(torch.autograd.Function):
         x, weight, bias = _autocast(x, weight, bias)  # type: ignore[assignment]
         ctx.save_for_backward(x, weight)
         ctx.handle = handle
+        handle.engine._count_use(handle.weight)
         return _linear(x, weight, bias)
 
     @staticmethod
@@ -266,7 +291,6 @@ class _LinearFn(torch.autograd.Function):
         if handle.bias is not None:
             grad_b = _as_btn(grad_out, bd).sum(1, dtype=_norm_dtype(grad_out))
             handle.engine._record_vector(handle.bias, handle.bias_rows, grad_b)
-        del ctx.handle
         return grad_x, None, None, None
 
 
@@ -277,6 +301,7 @@ class _EmbeddingFn(torch.autograd.Function):
     def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None, handle: _Handle) -> Tensor:
         ctx.save_for_backward(ids)
         ctx.padding_idx, ctx.handle = padding_idx, handle
+        handle.engine._count_use(handle.weight)
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -291,7 +316,6 @@ class _EmbeddingFn(torch.autograd.Function):
             # The padding row never receives gradient.
             grad_b = grad_b.masked_fill((ids_b == ctx.padding_idx).unsqueeze(-1), 0.0)
         handle.engine._record_weight(handle.weight, _Contribution(ids_b, grad_b))  # type: ignore[arg-type]
-        del ctx.handle
         return None, None, None, None
 
 
@@ -306,6 +330,7 @@ class _ConvFn(torch.autograd.Function):
         x, weight, bias = _autocast(x, weight, bias)  # type: ignore[assignment]
         ctx.save_for_backward(x, weight)
         ctx.conv, ctx.handle = conv, handle
+        handle.engine._count_use(handle.weight)
         fn = F.conv1d if x.dim() == 3 else F.conv2d
         return fn(x, weight, bias, stride, padding, dilation)
 
@@ -338,7 +363,6 @@ class _ConvFn(torch.autograd.Function):
             handle.engine._record_weight(handle.weight, _Contribution(left, cols.transpose(1, 2)))
         if handle.bias is not None:
             handle.engine._record_vector(handle.bias, None, left.sum(1, dtype=_norm_dtype(left)))
-        del ctx.handle
         return grad_x, None, None, None, None
 
 
@@ -376,7 +400,6 @@ class _AffineFn(torch.autograd.Function):
             handle.engine._record_vector(handle.weight, None, per_example(_up(grad_out) * _up(xhat)))
         if handle.bias is not None:
             handle.engine._record_vector(handle.bias, None, per_example(grad_out))
-        del ctx.handle
         return grad_x, None, None, None, None
 
 
@@ -648,6 +671,9 @@ class BookKeepingEngine(PerSampleEngine):
                 "dim 0 as the batch dimension (batch_first); use batch_first=True layers or engine='hooks'."
             )
 
+    def _count_use(self, param: nn.Parameter | None) -> None:
+        """A captured layer used ``param`` in forward (only :class:`GhostClippingEngine` counts)."""
+
     def _record_weight(self, param: nn.Parameter, contribution: _Contribution) -> None:
         if not self._capturing:
             return
@@ -689,16 +715,7 @@ class BookKeepingEngine(PerSampleEngine):
 
     def accumulate_weighted_sum(self, weights: Tensor, summed: dict[nn.Parameter, Tensor]) -> None:
         for param, rec in self._records.items():
-            acc = None
-            for c in rec.weights:
-                rows = c.rows or (0, param.shape[0])
-                g = _weighted_sum_of(c, weights, rows[1] - rows[0])
-                if c.rows is None and acc is None:
-                    acc = g.to(_norm_dtype(g))
-                    continue
-                if acc is None:
-                    acc = torch.zeros(param.shape[0], g.shape[-1], dtype=_norm_dtype(g), device=g.device)
-                acc[rows[0] : rows[1]] += g
+            acc = _weighted_sum_of_weight(param, rec.weights, weights) if rec.weights else None
             if rec.vectors:
                 grads = _vector_grads(param, rec.vectors)
                 w = weights.to(device=grads.device, dtype=grads.dtype)
@@ -711,6 +728,118 @@ class BookKeepingEngine(PerSampleEngine):
         self._records.clear()
         self._leaked.clear()
         self._batch_size = None
+
+
+class GhostClippingEngine(BookKeepingEngine):
+    r"""Per-example norms and clipped sums from two backward passes, memory close to non-private.
+
+    Book-keeping (:class:`BookKeepingEngine`) keeps every layer's ``a`` and ``b`` until the
+    clipping weights are known: about twice the activation memory. This engine keeps neither
+    (ghost clipping, Li et al. 2022; Opacus's ``grad_sample_mode="ghost"``):
+
+    1. The training step's backward runs with the graph retained. When a weight's last use in the
+       micro-batch has passed, its per-example squared norm
+       :math:`\sum_{k,l} \langle L^k_i L^{l\top}_i, R^k_i R^{l\top}_i \rangle` is computed and its
+       ``(a, b)`` are dropped; only ``(B,)`` norms and the small norm-layer/bias gradients stay.
+    2. :meth:`accumulate_weighted_sum` backpropagates the same loss again. Each layer forms
+       :math:`(w \odot b)^\top a` as its ``b`` arrives and drops it.
+
+    Peak memory is that of non-private training (the retained graph is what non-private backward
+    holds at its start); the price is a second backward pass. Same layers and same exactness as
+    ``engine="bk"``. The strategy passes the backpropagated loss (after any GradScaler scaling)
+    with :meth:`set_backward_root`; on its own::
+
+        engine = GhostClippingEngine(model)
+        with engine.capturing():
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            loss.backward(retain_graph=True)
+        engine.set_backward_root(loss)
+        norms = engine.per_sample_squared_norms().sqrt()
+        summed = {}
+        engine.accumulate_weighted_sum(1.0 / (norms + 0.01), summed)   # second backward
+        engine.reset()
+    """
+
+    name = "ghost"
+    needs_backward_root = True
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self._uses: dict[nn.Parameter, int] = {}
+        self._pending: dict[nn.Parameter, list[_Contribution]] = {}
+        self._weight_sq_norms: Tensor | None = None
+        self._root: Tensor | None = None
+        self._second_pass: tuple[Tensor, dict[nn.Parameter, Tensor]] | None = None
+
+    def set_backward_root(self, root: Tensor) -> None:
+        """The scalar whose (graph-retaining) backward was captured; backpropagated again later."""
+        self._root = root
+
+    def _count_use(self, param: nn.Parameter | None) -> None:
+        if self._capturing and param is not None and self._second_pass is None:
+            self._uses[param] = self._uses.get(param, 0) + 1
+
+    def _record_weight(self, param: nn.Parameter, contribution: _Contribution) -> None:
+        if not self._capturing:
+            return
+        self._check_batch(contribution.right.shape[0])
+        pending = self._pending.setdefault(param, [])
+        pending.append(contribution)
+        # Cross terms need every use of a shared weight at once; a single use is done at once.
+        if len(pending) >= self._uses.get(param, 0):
+            self._finish(param)
+
+    def _record_vector(self, param: nn.Parameter, rows: tuple[int, int] | None, grads: Tensor) -> None:
+        if self._second_pass is None:  # the first pass already recorded these small gradients
+            super()._record_vector(param, rows, grads)
+
+    def _finish(self, param: nn.Parameter) -> None:
+        contributions = self._pending.pop(param)
+        if self._second_pass is None:
+            sq = _squared_norms_of_weight(param, contributions)
+            self._weight_sq_norms = sq if self._weight_sq_norms is None else self._weight_sq_norms + sq
+        else:
+            weights, summed = self._second_pass
+            add_into(summed, param, _weighted_sum_of_weight(param, contributions, weights))
+
+    def _finish_all(self) -> None:
+        # A use whose output never reached the loss has no backward; finish with what came.
+        for param in list(self._pending):
+            self._finish(param)
+
+    def per_sample_squared_norms(self) -> Tensor:
+        self._finish_all()
+        vectors = super().per_sample_squared_norms()  # the records hold only vector gradients
+        if self._weight_sq_norms is None:
+            return vectors
+        if not self._records:
+            return self._weight_sq_norms
+        return self._weight_sq_norms + vectors.to(self._weight_sq_norms.dtype)
+
+    def accumulate_weighted_sum(self, weights: Tensor, summed: dict[nn.Parameter, Tensor]) -> None:
+        if self._weight_sq_norms is not None:
+            if self._root is None:
+                raise RuntimeError(
+                    "engine='ghost' needs the loss of the captured backward for its second pass: call "
+                    "set_backward_root(loss) after loss.backward(retain_graph=True)."
+                )
+            self._second_pass = (weights, summed)
+            self._capturing = True
+            try:
+                torch.autograd.backward(self._root)
+                self._finish_all()
+            finally:
+                self._capturing = False
+                self._second_pass = None
+                self._root = None
+        super().accumulate_weighted_sum(weights, summed)  # vector gradients
+
+    def reset(self) -> None:
+        super().reset()
+        self._uses.clear()
+        self._pending.clear()
+        self._weight_sq_norms = None
+        self._root = None
 
 
 def _vector_grads(param: nn.Parameter, vectors: list[tuple[tuple[int, int] | None, Tensor]]) -> Tensor:
