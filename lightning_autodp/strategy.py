@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -169,6 +171,7 @@ class DPAutoStrategy(DDPStrategy):
         """Join the process group only when there is more than one process."""
         if self.num_nodes * self.num_processes > 1:
             super().setup_distributed()
+            _destroy_process_group_at_exit()
             return
         reset_seed()
         self.set_world_ranks()
@@ -510,6 +513,22 @@ class DPAutoStrategy(DDPStrategy):
             self._engine = None
         self._summed.clear()
         super().teardown()
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the process group before the interpreter finalizes (registered once).
+
+    A process that exits with a gloo group alive can abort (SIGABRT): gloo's worker threads may
+    still hold tensors whose release needs the GIL while Python is being torn down
+    (pytorch/pytorch#179291). Destroying the group from ``atexit`` runs while Python is alive.
+    """
+
+    def destroy() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 def _all_reduce_sums(sums: list[Tensor], examples: float) -> tuple[list[Tensor], float]:

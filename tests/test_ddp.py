@@ -20,13 +20,16 @@ def run(mode: str, devices: int, tmp_path: Path, engine: str | None = None) -> l
     env = dict(os.environ)
     if engine is not None:
         env["DP_ENGINE"] = engine
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, str(WORKER), mode, str(devices), str(tmp_path)],
-        check=True,
         timeout=180,
         capture_output=True,
+        text=True,
         env=env,
     )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"ddp_worker {mode} on {devices} process(es) exited {proc.returncode}:\n{tail}")
     return [json.loads((tmp_path / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
 
 
