@@ -746,8 +746,10 @@ class GhostClippingEngine(BookKeepingEngine):
 
     Peak memory is that of non-private training (the retained graph is what non-private backward
     holds at its start); the price is a second backward pass. Same layers and same exactness as
-    ``engine="bk"``. The strategy passes the backpropagated loss (after any GradScaler scaling)
-    with :meth:`set_backward_root`; on its own::
+    ``engine="bk"``. Gradient hooks a user registers on activations run in both passes.
+
+    The strategy passes the backpropagated loss (after any GradScaler scaling) with
+    :meth:`set_backward_root`; on its own::
 
         engine = GhostClippingEngine(model)
         with engine.capturing():
@@ -785,8 +787,10 @@ class GhostClippingEngine(BookKeepingEngine):
         self._check_batch(contribution.right.shape[0])
         pending = self._pending.setdefault(param, [])
         pending.append(contribution)
-        # Cross terms need every use of a shared weight at once; a single use is done at once.
-        if len(pending) >= self._uses.get(param, 0):
+        # Cross terms need every use of a shared weight at once: finish early only when all the
+        # uses counted in forward have arrived, else at the end (_finish_all).
+        uses = self._uses.get(param)
+        if uses is not None and len(pending) >= uses:
             self._finish(param)
 
     def _record_vector(self, param: nn.Parameter, rows: tuple[int, int] | None, grads: Tensor) -> None:
