@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--target-epsilon", type=float, default=None)
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--engine", default="auto", choices=["auto", "bk", "hooks"])
+    parser.add_argument("--engine", default="auto", choices=["auto", "bk", "ghost", "hooks"])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-non-private", action="store_true")
