@@ -828,12 +828,13 @@ class GhostClippingEngine(BookKeepingEngine):
                     "set_backward_root(loss) after loss.backward(retain_graph=True)."
                 )
             self._second_pass = (weights, summed)
-            self._capturing = True
+            # The plain capture flag: BookKeepingEngine.capturing would also reset the leak check's
+            # record of which gradients existed before the first pass.
             try:
-                torch.autograd.backward(self._root)
+                with super(BookKeepingEngine, self).capturing():
+                    torch.autograd.backward(self._root)
                 self._finish_all()
             finally:
-                self._capturing = False
                 self._second_pass = None
                 self._root = None
         super().accumulate_weighted_sum(weights, summed)  # vector gradients
