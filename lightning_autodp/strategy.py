@@ -27,7 +27,7 @@ from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 
 from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipping
-from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, make_engine
+from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
 from lightning_autodp.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
 
@@ -356,6 +356,7 @@ class DPAutoStrategy(DDPStrategy):
             return torch.zeros((), device=self.root_device, requires_grad=True)
         assert self._engine is not None
         self._capture = contextlib.ExitStack()
+        self._engine.expect_batch_size(infer_batch_size(batch))  # engines: ids shared by the batch
         self._capture.enter_context(self._engine.capturing())
         return super().training_step(*args, **kwargs)
 

@@ -283,7 +283,7 @@ def test_functional_use_of_handled_weight_is_an_error():
     x = torch.randn(3, 4, dtype=torch.float64)
     with engine.capturing():
         (net(x) + F.linear(x, net[0].weight)).sum().backward()
-    with pytest.raises(RuntimeError, match="engine='hooks'"):
+    with pytest.raises(RuntimeError, match=r"0\.weight.*received gradient from outside"):
         engine.per_sample_squared_norms()
     engine.remove()
 
@@ -316,12 +316,15 @@ def test_captured_forward_equals_original():
         engine.remove()
 
 
-def test_unsupported_layers_are_named():
+def test_refused_and_fallback_layers_are_named():
     net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Conv1d(4, 4, 1, groups=2), nn.LSTM(4, 4))
-    names = [n for n, _ in BookKeepingEngine.unsupported_modules(net)]
-    assert names == ["1", "2", "3"]
-    with pytest.raises(ValueError, match="engine='hooks'"):
+    assert [n for n, _ in BookKeepingEngine.unsupported_modules(net)] == ["1"]
+    assert [n for n, _ in BookKeepingEngine.fallback_modules(net)] == ["3"]
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\).*GroupNorm"):
         BookKeepingEngine(net)
+    del net[1]
+    with pytest.warns(UserWarning, match=r"torch.func.*2 \(LSTM; parameters weight_ih_l0"):
+        BookKeepingEngine(net).remove()
     assert BookKeepingEngine.unsupported_modules(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))) == []
 
 

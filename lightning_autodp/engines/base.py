@@ -14,6 +14,7 @@ exact under the same arithmetic and can be tested against the same per-example l
 
 The life cycle of one micro-batch::
 
+    engine.expect_batch_size(b)       # optional: the micro-batch size, taken from the batch
     with engine.capturing():          # forward + backward of the training step
         loss.backward()
     sq_norms = engine.per_sample_squared_norms()      # (b,)
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +52,7 @@ class PerSampleEngine(ABC):
         self.module = module
         self.params: list[nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         self._capturing = False
+        self._expected_batch_size: int | None = None
 
     @classmethod
     @abstractmethod
@@ -68,6 +71,19 @@ class PerSampleEngine(ABC):
             yield
         finally:
             self._capturing = False
+
+    def expect_batch_size(self, batch_size: int | None) -> None:
+        """The number of examples of the micro-batch about to be captured, if the caller knows it.
+
+        Engines that can use it (the one-backward engines expand ids shared by the batch, e.g.
+        position ids of shape ``(1, T)``, to one row per example, and name any layer whose batch
+        dimension differs) read it from :attr:`expected_batch_size`; :meth:`reset` forgets it.
+        """
+        self._expected_batch_size = batch_size
+
+    @property
+    def expected_batch_size(self) -> int | None:
+        return self._expected_batch_size
 
     def set_backward_root(self, root: Tensor) -> None:  # noqa: B027 - optional hook
         """Receive the scalar that was backpropagated (only for ``needs_backward_root`` engines)."""
@@ -108,3 +124,28 @@ def add_into(summed: dict[nn.Parameter, Tensor], param: nn.Parameter, value: Ten
         summed[param].add_(value)
     else:
         summed[param] = value.clone()
+
+
+def infer_batch_size(batch: Any) -> int | None:
+    """The number of examples in a batch of any nesting of tensors, mappings, lists and tuples.
+
+    Dim 0 of every tensor with at least one dim, when they all agree (``(x, y)``, a dict or
+    transformers' ``BatchEncoding`` of ``(B, T)`` tensors); ``None`` when they disagree (a tensor
+    shared by the batch, e.g. ``(1, T)`` position ids) or there is none: the engines then take the
+    batch size from the layers and name any layer whose batch dimension differs.
+    """
+    sizes: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.dim() > 0:
+                sizes.add(obj.shape[0])
+        elif isinstance(obj, Mapping):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(batch)
+    return sizes.pop() if len(sizes) == 1 else None
