@@ -22,7 +22,7 @@ shared by the batch). An output whose dim 0 is not the micro-batch size is refus
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -39,18 +39,45 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
 
 
+def _leaves(out: Any) -> list[Tensor] | None:
+    """The tensors of a (nested tuple/list) output in order; ``None`` for anything else."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        leaves: list[Tensor] = []
+        for o in out:
+            sub = _leaves(o)
+            if sub is None:
+                return None
+            leaves += sub
+        return leaves
+    return None
+
+
+def _rebuild(out: Any, leaves: Iterator[Tensor]) -> Any:
+    if isinstance(out, Tensor):
+        return next(leaves)
+    return type(out)(_rebuild(o, leaves) for o in out)
+
+
 class _Tap(torch.autograd.Function):
-    """Identity on ``M``'s outputs whose backward hands the output gradients to ``record``."""
+    """Identity on ``M``'s outputs whose backward hands the output gradients to ``record``.
+
+    ``M``'s own parameters are inputs too (they get no gradient from it): outputs that depend on
+    them only (``M`` at the input of the model) must still carry a gradient back to the tap.
+    """
 
     @staticmethod
-    def forward(ctx: Any, record: Callable[[tuple[Tensor, ...]], None], *outs: Tensor) -> tuple[Tensor, ...]:
-        ctx.record = record
-        return tuple(o.view_as(o) for o in outs)
+    def forward(
+        ctx: Any, record: Callable[[tuple[Tensor, ...]], None], n_params: int, *tensors: Tensor
+    ) -> Any:
+        ctx.record, ctx.n_params = record, n_params
+        return tuple(o.view_as(o) for o in tensors[n_params:])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
         ctx.record(grads)
-        return (None, *grads)
+        return (None, None, *([None] * ctx.n_params), *grads)
 
 
 class ModuleCapture:
@@ -67,29 +94,39 @@ class ModuleCapture:
         detached = {n: p.detach() for n, p in self.params.items()}
         with engine.calling_original(self.module):
             out = functional_call(self.module, detached, args, kwargs)
-        outs = [out] if isinstance(out, Tensor) else list(out) if isinstance(out, (tuple, list)) else None
-        if outs is None or not all(isinstance(o, Tensor) for o in outs):
+        leaves = _leaves(out)
+        if leaves is None:
             raise TypeError(
-                f"dp_auto: the per-module rule for {self.describe()} needs a forward that returns a tensor "
-                f"or a tuple of tensors, got {type(out).__name__}. Move these parameters into a submodule."
+                f"dp_auto: the per-module rule for {self.describe()} needs a forward that returns tensors "
+                f"(or tuples/lists of them), got {type(out).__name__}. "
+                "Move these parameters into a submodule."
             )
-        tapped = [k for k, o in enumerate(outs) if o.requires_grad and o.is_floating_point()]
+        tapped = [k for k, o in enumerate(leaves) if o.is_floating_point()]
         if not tapped:
             return out
-        batch = engine.expected_batch_size or outs[tapped[0]].shape[0]
-        for k in tapped:
-            if outs[k].dim() == 0 or outs[k].shape[0] != batch:
-                raise RuntimeError(engine.batch_mismatch_message(self.handle, None, batch, outs[k].shape[0]))
-        saved_outs = [outs[k].detach() for k in tapped]
+        batch = engine.expected_batch_size or leaves[tapped[0]].shape[0]
+        batched = [k for k in tapped if leaves[k].dim() > 0 and leaves[k].shape[0] == batch]
+        if not batched:
+            got = leaves[tapped[0]].shape[0] if leaves[tapped[0]].dim() else 0
+            raise RuntimeError(engine.batch_mismatch_message(self.handle, None, batch, got))
+        saved_outs = [leaves[k].detach() for k in batched]
 
         def record(grads: tuple[Tensor, ...]) -> None:
+            by_leaf = dict(zip(tapped, grads))
+            for k in tapped:
+                # An output without the batch dim (an LSTM's (layers, B, H) state) is fine only while
+                # no gradient flows through it: its per-example attribution is unknown.
+                if k not in batched and bool(by_leaf[k].ne(0).any()):
+                    got = leaves[k].shape[0]
+                    raise RuntimeError(engine.batch_mismatch_message(self.handle, None, batch, got))
             if engine.wants_vectors():
-                self._record(args, kwargs, batch, tapped, saved_outs, grads)
+                self._record(args, kwargs, batch, batched, saved_outs, tuple(by_leaf[k] for k in batched))
 
-        new = _Tap.apply(record, *(outs[k] for k in tapped))
+        params = list(self.params.values())
+        new = _Tap.apply(record, len(params), *params, *(leaves[k] for k in tapped))
         for k, t in zip(tapped, new):
-            outs[k] = t
-        return outs[0] if isinstance(out, Tensor) else type(out)(outs)
+            leaves[k] = t
+        return _rebuild(out, iter(leaves))
 
     def _record(
         self,
@@ -131,8 +168,8 @@ class ModuleCapture:
                     a[key] = value
                 else:
                     kw[key] = value
-            out = functional_call(module, theta, tuple(a), kw)
-            outs = [out] if isinstance(out, Tensor) else list(out)
+            outs = _leaves(functional_call(module, theta, tuple(a), kw))
+            assert outs is not None
             return tuple(outs[k] for k in tapped)
 
         def one_example(example: tuple[Tensor, ...], cot: tuple[Tensor, ...]) -> tuple[dict, tuple]:
@@ -143,7 +180,7 @@ class ModuleCapture:
         per_example = sum(p.numel() for p in params.values()) + sum(g[0].numel() for g in grads)
         chunk = max(1, min(batch, CHUNK_ELEMENTS // max(1, per_example)))
         engine = self.handle.engine
-        with engine.recomputing(), torch.no_grad():  # vjp differentiates anyway; no outer graph
+        with engine.recomputing(), torch.enable_grad():
             g, outs = vmap(one_example, in_dims=(in_dims, 0), randomness="different", chunk_size=chunk)(
                 tensors, tuple(grads)
             )
