@@ -47,7 +47,7 @@ def build(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tuple[n
     if family == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
         model, targets = tf.GPT2LMHeadModel(cfg), ["c_attn"]
         batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
