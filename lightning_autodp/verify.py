@@ -257,12 +257,16 @@ def _loss_of(output: Any) -> Tensor | None:
 
 def _reference(
     step: Callable[[Any], Any], batch: Any, k: int, params: list[nn.Parameter]
-) -> tuple[Tensor, list[list[Tensor]]]:
-    """Per-example norms ``n_i`` and gradients ``g_i``: each example alone, its own backward."""
+) -> tuple[Tensor, list[list[Tensor]]] | None:
+    """Per-example norms ``n_i`` and gradients ``g_i``: each example alone, its own backward.
+
+    ``None`` if ``training_step`` returns no loss tensor.
+    """
     grads, norms = [], []
     for i in range(k):
         loss = _loss_of(step(slice_batch(batch, i, i + 1)))
-        assert loss is not None
+        if loss is None:
+            return None
         g = torch.autograd.grad(loss, params, allow_unused=True)
         g = [torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, params)]
         grads.append(g)
@@ -335,13 +339,13 @@ def verify_engine(
 
     params = engine.params
     with _isolated(module, params):
-        if _loss_of(step(slice_batch(batch, 0, 1))) is None:
+        reference, again = _reference(step, batch, k, params), _reference(step, batch, 1, params)
+        if reference is None or again is None:
             return _skip(
                 f"dp_auto could not verify engine={engine.name!r}: training_step returned no loss tensor."
             )
-        ref_norms, ref_grads = _reference(step, batch, k, params)
-        again, _ = _reference(step, batch, 1, params)
-        if not torch.allclose(again, ref_norms[:1], rtol=1e-9, atol=0.0):
+        ref_norms, ref_grads = reference
+        if not torch.allclose(again[0], ref_norms[:1], rtol=1e-9, atol=0.0):
             return _skip(
                 f"dp_auto could not verify engine={engine.name!r}: training_step gives different gradients "
                 "for the same example even with dropout modules in eval mode (a module with parameters "

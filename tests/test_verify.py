@@ -438,3 +438,18 @@ def test_seeded_runs_are_bit_identical_with_verify_on_and_off() -> None:
     assert torch.equal(ra, rb) and a.draws[-3:] == b.draws  # the global RNGs continues from the same state
     # The verification's training_step calls logged nothing: 3 calls, one per real step.
     assert ta.callback_metrics["calls"].item() == tb.callback_metrics["calls"].item() == 3.0
+
+
+class Jitter(nn.Module):
+    """Random noise that ignores train/eval mode, unlike dropout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * (1 + 0.5 * torch.rand_like(x))
+
+
+def test_random_step_skips_with_a_warning(results: list[VerificationResult]) -> None:
+    net = nn.Sequential(nn.Linear(6, 5), Jitter(), nn.Tanh(), nn.Linear(5, 3))
+    _, x, y = make_case("linear")
+    with pytest.warns(UserWarning, match="different gradients for the same example"):
+        trainer = _fit(Classifier(net), loader(x, y, 8), engine="bk")
+    assert trainer.strategy.steps == 2 and results[0].skipped is not None
