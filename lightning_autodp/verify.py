@@ -290,9 +290,10 @@ def _engine_pass(
             if engine.needs_backward_root:
                 engine.set_backward_root(loss)
         size = engine.batch_size
-        norms = engine.per_sample_squared_norms().double().sqrt() / scale
-        if size == weights.numel():
-            engine.accumulate_weighted_sum(weights / scale, summed)
+        raw_sq = engine.per_sample_squared_norms()
+        norms = raw_sq.double().sqrt() / scale
+        if size == weights.numel():  # as the strategy passes them: on the norms' device and dtype
+            engine.accumulate_weighted_sum((weights / scale).to(raw_sq.device, raw_sq.dtype), summed)
     finally:
         engine.reset()
     return size, norms, summed
