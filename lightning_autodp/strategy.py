@@ -30,6 +30,7 @@ from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipp
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
 from lightning_autodp.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
+from lightning_autodp.verify import DEFAULT_EXAMPLES, check_verify_args, verify_engine
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class DPAutoStrategy(DDPStrategy):
             any layer Opacus supports) or ``"auto"`` (``"bk"`` when it supports every layer).
         loss_reduction: ``"mean"`` if ``training_step`` returns the mean of the examples' losses
             (the default, as ``F.cross_entropy`` does), ``"sum"`` if it returns their sum.
+        verify: before the first optimizer update of every fit, check the engine's per-example
+            norms and clipped sum on the first ``verify_examples`` examples of the first micro-batch
+            against each example's own backward pass, and refuse to train on a mismatch (see
+            :mod:`lightning_autodp.verify`). ``False`` turns the check off.
+        verify_examples: how many examples the verification checks (default 4).
         secure_mode: draw noise from the operating system's CSPRNG with Opacus's mitigation of
             floating-point attacks. Off by default (reproducible runs with ``seed_everything``).
         \**kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
@@ -106,6 +112,8 @@ class DPAutoStrategy(DDPStrategy):
         engine: Literal["auto", "bk", "ghost", "hooks"] = "auto",
         loss_reduction: Literal["mean", "sum"] = "mean",
         secure_mode: bool = False,
+        verify: bool = True,  # verify
+        verify_examples: int = DEFAULT_EXAMPLES,  # verify
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
     ) -> None:
@@ -132,6 +140,10 @@ class DPAutoStrategy(DDPStrategy):
         self.engine = engine
         self.loss_reduction = loss_reduction
         self.secure_mode = secure_mode
+        # -- verify (lightning_autodp.verify): check the engine before the first update of each fit
+        check_verify_args(verify, verify_examples)
+        self.verify, self.verify_examples, self._verify_pending = verify, verify_examples, False
+        # -- end verify
         #: optimizer steps taken (each one consumed privacy), identical on every rank
         self.steps = 0
         self.dataset_size: int | None = None
@@ -223,6 +235,7 @@ class DPAutoStrategy(DDPStrategy):
         if self.world_size > 1 and _distributed_is_initialized():
             _sync_module_states(module)  # what DDP's constructor would do: rank 0's weights everywhere
         self._engine = make_engine(self.engine, module)
+        self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         rank_zero_info(
             f"dp_auto: engine={self._engine.name}, clipping={self.clipping}, "
             f"max_grad_norm={self.max_grad_norm}"
@@ -355,6 +368,15 @@ class DPAutoStrategy(DDPStrategy):
             # No example drew this micro-batch: the step still happens (noise only).
             return torch.zeros((), device=self.root_device, requires_grad=True)
         assert self._engine is not None
+        # -- verify (lightning_autodp.verify): engine vs a per-example loop, before the first update
+        if self._verify_pending:
+            self._verify_pending = False
+            with self.precision_plugin.train_step_context():
+                verify_engine(
+                    self.lightning_module, self._engine, args, kwargs,
+                    loss_reduction=self.loss_reduction, examples=self.verify_examples,
+                )  # fmt: skip
+        # -- end verify
         self._capture = contextlib.ExitStack()
         self._engine.expect_batch_size(infer_batch_size(batch))  # engines: ids shared by the batch
         self._capture.enter_context(self._engine.capturing())

