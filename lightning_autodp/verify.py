@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_autodp.engines.base import PerSampleEngine
+from lightning_autodp.engines.base import PerSampleEngine, infer_batch_size
 
 #: examples of the first micro-batch checked by default
 DEFAULT_EXAMPLES = 4
@@ -281,6 +281,8 @@ def _engine_pass(
     for p in engine.params:
         p.grad = None
     engine.reset()
+    # As the strategy does before every capture: engines expand ids shared by the batch to this size.
+    engine.expect_batch_size(infer_batch_size(sub_batch))
     summed: dict[nn.Parameter, Tensor] = {}
     try:
         with engine.capturing():
