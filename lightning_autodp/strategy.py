@@ -79,6 +79,19 @@ class DPAutoStrategy(DDPStrategy):
         \**kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
             ``process_group_backend``, ``timeout``, ``start_method``).
 
+    Attributes:
+        noise_multiplier: :math:`\sigma` in use: a float once ``fit`` has started (after
+            :class:`~lightning_autodp.PrivacyBudget` calibrated it), else as passed.
+        steps: optimizer steps taken so far (each one spent privacy); the same on every rank.
+        dataset_size: :math:`N`, the number of training examples (known once the training
+            DataLoader is set up).
+        sample_rate: :math:`q`, the probability that an example enters one step (property).
+        expected_batch_size: :math:`B = qN` (property).
+
+    Every fit prints one line at its start (sigma, q, N, planned steps, engine, clipping) and one at
+    its end (steps, why it stopped, sigma, q, and epsilon at delta: the PrivacyBudget's, or at a
+    default delta without one; see :mod:`lightning_autodp.summary`).
+
     Example::
 
         import lightning as L
