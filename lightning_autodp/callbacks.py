@@ -226,6 +226,7 @@ class PrivacyBudget(Callback):
         pl_module.log(
             "epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True, sync_dist=True
         )
+
     # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
     # lightning_autodp.summary, which reads this callback's epsilon, delta and stopped_by_budget.
 

@@ -144,3 +144,11 @@ def test_an_unreachable_target_says_what_to_change():
     with pytest.raises(ValueError, match="more training data") as err:
         trainer.fit(Classifier(net), loader(x, y, batch_size=BATCH))
     assert "No noise_multiplier below 1e6" in str(err.value)  # the accountant's own reason is kept
+
+
+def test_calibrating_without_a_target_names_both_fixes():
+    net, x, y = make_case("linear", n=N)
+    trainer = quiet_trainer(strategy="dp_auto", callbacks=[PrivacyBudget(accountant="rdp")], max_epochs=1)
+    with pytest.raises(ValueError, match=r"PrivacyBudget\(target_epsilon=...\)") as err:
+        trainer.fit(Classifier(net), loader(x, y, batch_size=BATCH))
+    assert "DPAutoStrategy(noise_multiplier=1.0)" in str(err.value)
