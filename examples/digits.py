@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     results = {"dp": train(True, args)}
     if not args.skip_non_private:
+        if args.max_epochs == -1 and args.max_steps == -1:
+            # "Until the budget is spent" has no end without DP: give the baseline the same steps.
+            args = argparse.Namespace(**{**vars(args), "max_steps": int(results["dp"]["steps"])})
         results["non_private"] = train(False, args)
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         print_results(results, args.delta)
