@@ -17,7 +17,7 @@ Run (both runs, about 5 minutes on 2 CPU cores)::
 
     python examples/char_lm.py
     python examples/char_lm.py --private-only --target-epsilon 8
-    python examples/char_lm.py --max-steps 3 --train-chars 20000   # smoke test
+    python examples/char_lm.py --smoke                     # seconds: a cut-down model and text
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -41,6 +42,9 @@ from torchmetrics import MeanMetric
 import lightning_autodp  # noqa: F401  (registers strategy="dp_auto")
 from lightning_autodp import PrivacyBudget
 from lightning_autodp.report import PrivacyReport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402
 
 
 def load_python_docs() -> str:
@@ -204,6 +208,8 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
     if private:
         budget = PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta)
         callbacks = [budget, PrivacyReport("val_ppl")]
+    label = "dp_auto" if private else "non-private"
+    callbacks.append(EpochLine(label, ("val_ppl",), budget=callbacks[0] if private else None))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -215,6 +221,8 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         log_every_n_steps=5,
+        enable_progress_bar=False,  # EpochLine prints one line per epoch instead
+        enable_model_summary=False,
     )
     start = time.perf_counter()
     trainer.fit(model, dm)
@@ -243,8 +251,21 @@ def print_results(results: dict[str, dict[str, Any]], metric: str, fmt: str, del
         print(f"epsilon at delta = {delta:g}; privacy report: {results['dp_auto']['report']}")
 
 
+#: ``--smoke``: the sizes of a run of seconds through the same code path (tests/test_examples.py)
+SMOKE = {
+    "max_steps": 3,
+    "train_chars": 12000,
+    "val_chars": 3000,
+    "batch_size": 16,
+    "d_model": 32,
+    "nhead": 2,
+    "d_ff": 64,
+    "layers": 1,
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--max-epochs", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     p.add_argument("--target-epsilon", type=float, default=8.0)
@@ -264,14 +285,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--log-dir", default="lightning_logs")
+    p.add_argument("--smoke", action="store_true", help="a few steps on a cut-down model and data")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--private-only", action="store_true")
     group.add_argument("--non-private-only", action="store_true")
-    return p.parse_args(argv)
+    return apply_smoke(p.parse_args(argv), SMOKE)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parse_args(argv)
+    quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, dict[str, Any]] = {}

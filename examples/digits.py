@@ -1,8 +1,11 @@
 """Differentially private image classification on scikit-learn's digits, beside a non-private run.
 
-    python examples/digits.py                         # DP (sigma = 1) and non-private, test accuracy
-    python examples/digits.py --target-epsilon 3      # calibrate sigma to epsilon = 3 with PrivacyBudget
+    python examples/digits.py                         # DP at epsilon = 3 and non-private, test accuracy
+    python examples/digits.py --target-epsilon 8      # another budget: sigma is calibrated for it
+    python examples/digits.py --noise-multiplier 1.0 --max-epochs -1   # fixed sigma: train until
+                                                      # the budget (epsilon 3) is spent
     python examples/digits.py --devices 2             # 2-process DDP on CPU
+    python examples/digits.py --smoke                 # a few steps, to check the installation
 
 The LightningModule is ordinary: nothing in it knows about DP. The only change is the Trainer's
 ``strategy="dp_auto"`` (and, for a privacy budget, the ``PrivacyBudget`` callback).
@@ -11,11 +14,14 @@ The LightningModule is ordinary: nothing in it knows about DP. The only change i
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -24,6 +30,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_autodp
 from lightning_autodp import DPAutoStrategy
+from lightning_autodp.report import PrivacyReport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -100,18 +110,24 @@ class DigitsClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def train(private: bool, args: argparse.Namespace) -> dict[str, float]:
+def train(private: bool, args: argparse.Namespace) -> dict[str, float | str]:
     L.seed_everything(args.seed, verbose=False)
     model = DigitsClassifier(lr=args.lr)
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)
+    label = "DP" if private else "non-private"
     callbacks: list[L.Callback] = []
-    strategy: object = "auto"
+    budget = None
+    strategy: object = "ddp" if args.devices > 1 else "auto"
+    logger: CSVLogger | bool = False
     if private:
-        strategy = DPAutoStrategy(
-            noise_multiplier=None if args.target_epsilon else args.noise_multiplier, engine=args.engine
-        )
-        # Without a target it only accounts: the epsilon of --noise-multiplier is printed.
-        callbacks.append(lightning_autodp.PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta))
+        # noise_multiplier=None: PrivacyBudget calibrates sigma so that the planned epochs spend
+        # the target; a fixed --noise-multiplier trains until the target is spent instead.
+        strategy = DPAutoStrategy(noise_multiplier=args.noise_multiplier, engine=args.engine)
+        budget = lightning_autodp.PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta)
+        report = PrivacyReport(metric="val_acc")
+        callbacks += [budget, report]
+        logger = CSVLogger(args.log_dir, name="digits_dp")  # where privacy_report.png goes
+    callbacks.append(EpochLine(label, ("val_acc",), every=args.print_every, budget=budget))
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -119,56 +135,76 @@ def train(private: bool, args: argparse.Namespace) -> dict[str, float]:
         max_epochs=args.max_epochs,
         max_steps=args.max_steps,
         callbacks=callbacks,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=10,
     )
     start = time.perf_counter()
     trainer.fit(model, data)
     seconds = time.perf_counter() - start
-    result = {"test_acc": trainer.test(model, data, verbose=False)[0]["test_acc"], "seconds": seconds}
+    result: dict[str, float | str] = {
+        "test_acc": trainer.test(model, data, verbose=False)[0]["test_acc"],
+        "seconds": seconds,
+    }
     if private:
         result["noise_multiplier"] = trainer.strategy.noise_multiplier
         result["steps"] = trainer.strategy.steps
         result["sample_rate"] = trainer.strategy.sample_rate
-        if callbacks:
-            result["epsilon"] = callbacks[0].epsilon
+        result["epsilon"] = budget.epsilon
+        result["report"] = str(report.path)
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--max-epochs", type=int, default=40)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--noise-multiplier", type=float, default=1.0)
-    parser.add_argument("--target-epsilon", type=float, default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--max-epochs", type=int, default=40, help="-1: until the budget is spent")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="expected logical batch size")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (both runs)")
+    parser.add_argument("--target-epsilon", type=float, default=3.0, help="privacy budget at --delta")
     parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument(
+        "--noise-multiplier", type=float, default=None, help="fixed sigma; None: calibrated to the target"
+    )
     parser.add_argument("--engine", default="auto", choices=["auto", "bk", "ghost", "hooks"])
-    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when > 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-non-private", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--print-every", type=int, default=5, help="one line every this many epochs")
+    parser.add_argument("--log-dir", default="lightning_logs", help="the DP run's CSV log and report")
+    parser.add_argument("--smoke", action="store_true", help="1 epoch (20 steps): check the installation")
+    args = apply_smoke(parser.parse_args(argv), {"max_epochs": 1, "max_steps": -1})
+    quiet_lightning()
     torch.set_num_threads(max(1, torch.get_num_threads() // args.devices))
 
     results = {"dp": train(True, args)}
     if not args.skip_non_private:
+        if args.max_epochs == -1 and args.max_steps == -1:
+            # "Until the budget is spent" has no end without DP: give the baseline the same steps.
+            args = argparse.Namespace(**{**vars(args), "max_steps": int(results["dp"]["steps"])})
         results["non_private"] = train(False, args)
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
-        dp = results["dp"]
-        eps = f", epsilon = {dp['epsilon']:.2f} at delta = {args.delta:g}" if "epsilon" in dp else ""
-        print(
-            f"DP (dp_auto, sigma = {dp['noise_multiplier']:.3f}, q = {dp['sample_rate']:.4f}, "
-            f"{dp['steps']} steps{eps}): test accuracy {dp['test_acc']:.4f} in {dp['seconds']:.1f} s"
-        )
-        if "non_private" in results:
-            plain = results["non_private"]
-            print(f"Non-private:  test accuracy {plain['test_acc']:.4f} in {plain['seconds']:.1f} s")
+        print_results(results, args.delta)
     return results
+
+
+def print_results(results: dict[str, dict[str, float | str]], delta: float) -> None:
+    """Test accuracy of both runs side by side, the privacy spent, and where the report was written."""
+    dp = results["dp"]
+    print(f"\n{'run':<12} {'test acc':>8} {'epsilon':>8} {'sigma':>7} {'q':>7} {'steps':>6} {'seconds':>8}")
+    print(
+        f"{'dp_auto':<12} {dp['test_acc']:>8.4f} {dp['epsilon']:>8.2f} {dp['noise_multiplier']:>7.3f} "
+        f"{dp['sample_rate']:>7.4f} {dp['steps']:>6} {dp['seconds']:>8.1f}"
+    )
+    if "non_private" in results:
+        plain = results["non_private"]
+        print(
+            f"{'non-private':<12} {plain['test_acc']:>8.4f} {'inf':>8} {'-':>7} {'-':>7} {'-':>6} "
+            f"{plain['seconds']:>8.1f}"
+        )
+    print(f"epsilon at delta = {delta:g}; privacy report: {dp['report']}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Run (both runs, about 4 minutes on 2 CPU cores)::
 
     python examples/text_classification.py
     python examples/text_classification.py --private-only --target-epsilon 8 --max-epochs 3
-    python examples/text_classification.py --max-steps 2 --train-size 32 --batch-size 16   # smoke test
+    python examples/text_classification.py --smoke     # seconds: 2 steps on 32 articles
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 import lightning_autodp  # noqa: E402, F401  (registers strategy="dp_auto")
 from lightning_autodp import PrivacyBudget  # noqa: E402
-from lightning_autodp.report import PrivacyReport  # noqa: E402
+from lightning_autodp.report import PrivacyReport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402
 
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
@@ -215,6 +218,8 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
     if private:
         budget = PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta)
         callbacks = [budget, PrivacyReport("val_acc")]
+    label = "dp_auto" if private else "non-private"
+    callbacks.append(EpochLine(label, ("val_acc",), budget=callbacks[0] if private else None))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -227,6 +232,8 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
         enable_checkpointing=False,  # a MiniLM checkpoint is 90 MB; not needed here
         num_sanity_val_steps=0,
         log_every_n_steps=5,
+        enable_progress_bar=False,  # EpochLine prints one line per epoch instead
+        enable_model_summary=False,
     )
     start = time.perf_counter()
     trainer.fit(model, dm)
@@ -255,8 +262,12 @@ def print_results(results: dict[str, dict[str, Any]], metric: str, fmt: str, del
         print(f"epsilon at delta = {delta:g}; privacy report: {results['dp_auto']['report']}")
 
 
+#: ``--smoke``: the sizes of a run of seconds through the same code path (tests/test_examples.py)
+SMOKE = {"max_steps": 2, "train_size": 32, "val_size": 16, "batch_size": 16, "max_length": 16}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--max-epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     p.add_argument("--target-epsilon", type=float, default=3.0)
@@ -272,14 +283,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--log-dir", default="lightning_logs")
+    p.add_argument("--smoke", action="store_true", help="a few steps on a cut-down model and data")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--private-only", action="store_true")
     group.add_argument("--non-private-only", action="store_true")
-    return p.parse_args(argv)
+    return apply_smoke(p.parse_args(argv), SMOKE)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parse_args(argv)
+    quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, dict[str, Any]] = {}

@@ -89,6 +89,8 @@ class PrivacyBudget(Callback):
         self._budget_binds = False  # T* is set by the target, not by the end of the search horizon
         self._planned: int | None = None  # steps this fit plans (Trainer's estimate), None = unbounded
         self._calibrated: float | None = None
+        #: True once this callback stopped training because one more step would exceed the target
+        self.stopped_by_budget = False
 
     # ------------------------------------------------------------------ what was spent
 
@@ -146,7 +148,9 @@ class PrivacyBudget(Callback):
                 "such a delta allows releasing whole examples. Choose delta well below 1/N, e.g. 1/(10 N)."
             )
         planned = self._planned = self._planned_steps(trainer)
+        self.stopped_by_budget = False
         if strategy.noise_multiplier is None:
+            _warn_if_run_length_unchosen(trainer, self._calibrated is not None)
             strategy.noise_multiplier = self._calibrate(q, planned)
         sigma = float(strategy.noise_multiplier)
         self.noise_multiplier = sigma
@@ -158,6 +162,7 @@ class PrivacyBudget(Callback):
                 f"target_epsilon={self.target_epsilon}. Training stops before the first step."
             )
             trainer.should_stop = True
+            self.stopped_by_budget = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The epsilon logged at this epoch's end is known now: compute it while the epoch trains.
@@ -192,21 +197,38 @@ class PrivacyBudget(Callback):
             self._allowed_steps = self._search_up_to(2 * max(self._allowed_steps, 1))
         if self._budget_binds and self._live_steps() >= self._allowed_steps:
             trainer.should_stop = True
+            self.stopped_by_budget = True
+            self._announce_budget_stop()
+
+    def _announce_budget_stop(self) -> None:
+        """Say that the budget, not the Trainer's plan, ended training; warn when well before the plan."""
+        taken, planned = self._live_steps(), self._planned
+        message = (
+            f"PrivacyBudget: stopping after step {taken}"
+            + (f" of {planned} planned" if planned is not None else "")
+            + f": one more step would exceed target_epsilon={self.target_epsilon:g} "
+            f"(epsilon={self.epsilon:.4g} spent at delta={self.delta:g})."
+        )
+        if planned is not None and taken < planned:
+            rank_zero_warn(
+                message + " Training ends before the Trainer's max_epochs/max_steps. To use the whole "
+                "plan, let PrivacyBudget calibrate sigma (DPAutoStrategy(noise_multiplier='auto')) or "
+                "raise noise_multiplier."
+            )
+        else:
+            rank_zero_info(message)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epsilon = self.epsilon
         self.history.append((trainer.current_epoch, self.steps, epsilon))
-        pl_module.log("epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sigma, q = self._live if self._live is not None else (self.noise_multiplier, None)
-        rank_zero_info(
-            f"PrivacyBudget: epsilon={self.epsilon:.4g} spent at delta={self.delta:g} "
-            f"(target {self.target_epsilon}) with sigma={sigma:.4g}, q={q:.4g}, steps={self.steps}, "
-            f"accountant={self.accountant}."
-            if sigma is not None and q is not None
-            else f"PrivacyBudget: epsilon={self.epsilon:.4g} at delta={self.delta:g}, no step taken."
+        # Every rank holds the same epsilon; sync_dist averages identical values (and keeps Lightning
+        # from warning that epoch-level metrics should be synced under DDP).
+        pl_module.log(
+            "epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True, sync_dist=True
         )
+
+    # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
+    # lightning_autodp.summary, which reads this callback's epsilon, delta and stopped_by_budget.
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._accountant.close()
@@ -257,12 +279,18 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget: noise_multiplier={self._calibrated:.4g} restored from the checkpoint."
             )
             return float(self._calibrated)
-        if self.target_epsilon is None or planned is None:
+        if self.target_epsilon is None:
             raise ValueError(
-                "DPAutoStrategy(noise_multiplier=None) is calibrated by PrivacyBudget from target_epsilon "
-                "and the planned length of training: set PrivacyBudget(target_epsilon=...) and "
-                "Trainer(max_epochs=...) or Trainer(max_steps=...), or pass "
-                "DPAutoStrategy(noise_multiplier=...)."
+                "PrivacyBudget has no target_epsilon to calibrate the noise multiplier for: set "
+                "PrivacyBudget(target_epsilon=...), or give sigma yourself with "
+                "DPAutoStrategy(noise_multiplier=1.0) to only account epsilon."
+            )
+        if planned is None:
+            raise ValueError(
+                "PrivacyBudget calibrates the noise multiplier for the planned length of training, and "
+                "Trainer(max_epochs=-1) plans none. Set Trainer(max_epochs=...) or Trainer(max_steps=...); "
+                "or, to train until the budget is spent, fix sigma with "
+                "DPAutoStrategy(noise_multiplier=1.0) and keep max_epochs=-1."
             )
         steps = max(planned, 1)
         start = None
@@ -270,9 +298,18 @@ class PrivacyBudget(Callback):
             # RDP is cheap and a little looser: its sigma is a close, feasible first guess.
             rdp = Accountant("rdp", self.delta)
             start = rdp.calibrate_noise_multiplier(self._done, q, steps, self.target_epsilon)
-        sigma = self._accountant.calibrate_noise_multiplier(
-            self._done, q, steps, self.target_epsilon, start=start
-        )
+        try:
+            sigma = self._accountant.calibrate_noise_multiplier(
+                self._done, q, steps, self.target_epsilon, start=start
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"PrivacyBudget cannot reach target_epsilon={self.target_epsilon:g} at delta={self.delta:g} "
+                f"over {steps} steps with q={q:.4g}: {err} Spend less per run: more training data or a "
+                "smaller batch (both lower q), fewer epochs or max_steps, or a larger target_epsilon or "
+                "delta. Whatever the noise, the PRV accountant reports no epsilon below about 0.01 and "
+                "RDP none below about 0.1 at delta=1e-5."
+            ) from err
         self._calibrated = sigma
         planned_eps = self._accountant.epsilon([*self._done, (sigma, q, planned)])
         rank_zero_info(
@@ -305,3 +342,24 @@ class PrivacyBudget(Callback):
                 f"but training continues past the {self._planned} steps the Trainer planned. Training is "
                 "stopped here; set Trainer(max_epochs=...) or max_steps so that the plan is known."
             )
+
+
+#: what Lightning plans when neither ``max_epochs`` nor ``max_steps`` is given
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
+
+def _warn_if_run_length_unchosen(trainer: pl.Trainer, restoring: bool) -> None:
+    """Warn when sigma is about to be calibrated for Lightning's default of 1000 epochs.
+
+    Lightning replaces an unset ``max_epochs`` by 1000 before any callback runs, so the two cannot be
+    told apart here: 1000 epochs with ``max_steps=-1`` is taken as the user not choosing.
+    """
+    if restoring or trainer.max_steps != -1 or trainer.max_epochs != _LIGHTNING_DEFAULT_MAX_EPOCHS:
+        return
+    rank_zero_warn(
+        "PrivacyBudget calibrates the noise multiplier for the planned run, and this Trainer plans "
+        "max_epochs=1000, Lightning's default when neither max_epochs nor max_steps is set: sigma will "
+        "be large enough for 1000 epochs. Set Trainer(max_epochs=...) or Trainer(max_steps=...) to the "
+        "run you want; or, to train until the budget is spent, fix sigma with "
+        "DPAutoStrategy(noise_multiplier=1.0) and Trainer(max_epochs=-1)."
+    )

@@ -1,4 +1,4 @@
-"""A privacy report: epsilon against epoch, with the validation metric beside it.
+"""A privacy report: epsilon against epoch, the validation metric, and the metric against epsilon.
 
 Two ways to get the picture:
 
@@ -19,12 +19,16 @@ Two ways to get the picture:
 
 The epsilon curve is the accountant's spent budget after each epoch (``PrivacyBudget.history``); it
 grows roughly like ``sqrt(steps)`` under RDP/PRV composition of the subsampled Gaussian mechanism.
+The third panel pairs the two by epoch: the metric after epoch ``e`` against the epsilon spent after
+epoch ``e`` (the privacy-utility curve: what each extra unit of epsilon bought).
 Drawing uses matplotlib's Agg canvas directly, so no display and no global pyplot state is needed.
+matplotlib is an optional dependency: ``pip install "lightning-autodp[report]"``.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,16 +37,54 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from typing_extensions import override
 
 __all__ = [
     "PrivacyReport",
     "draw_privacy_report",
+    "metric_against_epsilon",
     "plot_privacy_report",
     "read_checkpoint_history",
     "read_metrics_csv",
 ]
 
 Series = list[tuple[float, float]]
+
+MATPLOTLIB_HINT = 'pip install "lightning-autodp[report]" (or pip install matplotlib)'
+
+
+def require_matplotlib() -> None:
+    """Raise an ``ImportError`` naming the install command when matplotlib is missing."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError as err:
+        raise ImportError(
+            f"The privacy report draws with matplotlib, which is not installed: {MATPLOTLIB_HINT}."
+        ) from err
+
+
+def metric_against_epsilon(
+    epsilon: Sequence[tuple[float, float]], metric: Sequence[tuple[float, float]]
+) -> Series:
+    """``(epsilon, value)`` for every epoch present in both ``(epoch, x)`` series, in epoch order.
+
+    Both series hold the value at the end of each epoch: the metric validated after epoch ``e``'s
+    training steps and the epsilon those steps had spent. An epoch missing from either (no
+    validation that epoch, or a run stopped mid-epoch before validating) is left out.
+
+    Example::
+
+        >>> metric_against_epsilon([(0, 0.5), (1, 0.8)], [(0, 0.6), (1, 0.7), (2, 0.9)])
+        [(0.5, 0.6), (0.8, 0.7)]
+    """
+    eps_by_epoch = dict(_last_per_epoch(epsilon))
+    return [(eps_by_epoch[e], v) for e, v in _last_per_epoch(metric) if e in eps_by_epoch]
+
+
+def _pad_single_x(ax: Any, xs: Sequence[float]) -> None:
+    # matplotlib centres a single point in a +-5% window (-0.045..0.045 for epoch 0): show a unit around it.
+    if min(xs) == max(xs):
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
 
 
 def _last_per_epoch(points: Iterable[tuple[float, float]]) -> Series:
@@ -64,12 +106,12 @@ def draw_privacy_report(
     delta: float | None = None,
     title: str | None = None,
 ) -> Path:
-    """Draw epsilon against epoch (left) and the metric against epoch (right) into a PNG.
+    """Draw epsilon against epoch, the metric against epoch, and the metric against epsilon into a PNG.
 
     Args:
         epsilon: ``(epoch, epsilon)`` pairs, the privacy spent after each epoch.
         metric: ``(epoch, value)`` pairs of the validation metric, or ``None``/empty to draw only
-            the epsilon panel.
+            the epsilon panel. With a metric the figure has three panels (15 x 4 inches).
         out_png: where to write; parent folders are created.
         metric_name: label of the metric panel.
         target_epsilon: drawn as a dashed horizontal line when given.
@@ -83,6 +125,7 @@ def draw_privacy_report(
         >>> draw_privacy_report([(0, 0.8), (1, 1.2)], [(0, 0.7), (1, 0.8)], "/tmp/r.png")
         PosixPath('/tmp/r.png')
     """
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -95,9 +138,9 @@ def draw_privacy_report(
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     has_metric = bool(metric)
-    fig = Figure(figsize=(10 if has_metric else 5.5, 4), layout="constrained")
+    fig = Figure(figsize=(15 if has_metric else 5.5, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if has_metric else 1, squeeze=False)[0]
+    axes = fig.subplots(1, 3 if has_metric else 1, squeeze=False)[0]
 
     ax = axes[0]
     xs, ys = zip(*epsilon, strict=True)
@@ -105,6 +148,7 @@ def draw_privacy_report(
     if target_epsilon is not None and math.isfinite(target_epsilon):
         ax.axhline(target_epsilon, linestyle="--", color="grey", label=f"target {target_epsilon:g}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _pad_single_x(ax, xs)
     ax.set_xlabel("epoch")
     ax.set_ylabel("epsilon")
     ax.set_ylim(bottom=0)
@@ -117,14 +161,31 @@ def draw_privacy_report(
         mx, my = zip(*metric, strict=True)
         ax.plot(mx, my, marker="o", color="tab:blue")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _pad_single_x(ax, mx)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric_name)
-        ax.set_title(f"{metric_name} (final {my[-1]:.4g} at epsilon {ys[-1]:.3g})")
+        ax.set_title(f"{metric_name} per epoch (final {my[-1]:.4g})")
         ax.grid(alpha=0.3)
+        _draw_metric_against_epsilon(axes[2], metric_against_epsilon(epsilon, metric), metric_name)
     if title:
         fig.suptitle(title)
     fig.savefig(out, dpi=100)
     return out
+
+
+def _draw_metric_against_epsilon(ax: Any, curve: Series, metric_name: str) -> None:
+    ax.set_xlabel("epsilon spent")
+    ax.set_ylabel(metric_name)
+    ax.grid(alpha=0.3)
+    if not curve:
+        ax.set_title(f"{metric_name} against epsilon (no epoch has both)")
+        return
+    ex, ey = zip(*curve, strict=True)
+    ax.plot(ex, ey, marker="o", color="tab:purple")
+    if min(ex) == max(ex):
+        ax.set_xlim(0, 2 * ex[0])
+    ax.set_xlim(left=0)
+    ax.set_title(f"{metric_name} against epsilon (final {ey[-1]:.4g} at epsilon {ex[-1]:.3g})")
 
 
 def read_metrics_csv(path: str | Path, metric: str = "val_acc") -> tuple[Series, Series]:
@@ -259,7 +320,10 @@ class PrivacyReport(Callback):
 
     It reads the epsilon history from the :class:`~lightning_autodp.PrivacyBudget` callback
     attached to the same Trainer and records ``trainer.callback_metrics[metric]`` after every
-    validation epoch. The file goes to ``trainer.log_dir`` (the logger's folder, e.g.
+    validation run. It reads the metric in ``on_validation_end``, as ``EarlyStopping`` and
+    ``ModelCheckpoint`` do: Lightning calls callbacks' ``on_validation_epoch_end`` *before* the
+    LightningModule's own, so a metric the module logs there would be read one epoch late.
+    The file goes to ``trainer.log_dir`` (the logger's folder, e.g.
     ``lightning_logs/version_0``). The recorded metric history is saved in checkpoints, so
     :func:`plot_privacy_report` can redraw the picture from a checkpoint.
 
@@ -276,6 +340,7 @@ class PrivacyReport(Callback):
     """
 
     def __init__(self, metric: str = "val_acc", filename: str = "privacy_report.png") -> None:
+        require_matplotlib()  # now, not after hours of training at the end of fit
         self.metric = metric
         self.filename = filename
         self.metric_history: list[tuple[int, float]] = []
@@ -285,13 +350,15 @@ class PrivacyReport(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(metric=self.metric)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.metric)
         if value is not None:
             self.metric_history.append((trainer.current_epoch, float(value)))
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ``trainer.log_dir`` is a collective (a broadcast from rank 0) under DDP: every rank must
         # ask for it, outside the rank-zero-only drawing, or rank 0 waits for peers that moved on.
@@ -327,8 +394,10 @@ class PrivacyReport(Callback):
             delta=getattr(budget, "delta", None),
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "metric_history": list(self.metric_history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.metric_history = [(int(e), float(v)) for e, v in state_dict.get("metric_history", [])]

@@ -21,11 +21,11 @@ from lightning.pytorch.plugins.precision.half import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.strategies.ddp import _sync_module_states
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 
+from lightning_autodp import summary
 from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipping
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
@@ -84,6 +84,19 @@ class DPAutoStrategy(DDPStrategy):
             floating-point attacks. Off by default (reproducible runs with ``seed_everything``).
         \**kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
             ``process_group_backend``, ``timeout``, ``start_method``).
+
+    Attributes:
+        noise_multiplier: :math:`\sigma` in use: a float once ``fit`` has started (after
+            :class:`~lightning_autodp.PrivacyBudget` calibrated it), else as passed.
+        steps: optimizer steps taken so far (each one spent privacy); the same on every rank.
+        dataset_size: :math:`N`, the number of training examples (known once the training
+            DataLoader is set up).
+        sample_rate: :math:`q`, the probability that an example enters one step (property).
+        expected_batch_size: :math:`B = qN` (property).
+
+    Every fit prints one line at its start (sigma, q, N, planned steps, engine, clipping) and one at
+    its end (steps, why it stopped, sigma, q, and epsilon at delta: the PrivacyBudget's, or at a
+    default delta without one; see :mod:`lightning_autodp.summary`).
 
     Example::
 
@@ -236,12 +249,6 @@ class DPAutoStrategy(DDPStrategy):
             _sync_module_states(module)  # what DDP's constructor would do: rank 0's weights everywhere
         self._engine = make_engine(self.engine, module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
-        rank_zero_info(
-            f"dp_auto: engine={self._engine.name}, clipping={self.clipping}, "
-            f"max_grad_norm={self.max_grad_norm}"
-            + (f", gamma={self.gamma}" if self.clipping == "auto_s" else "")
-            + f", poisson_sampling={self.poisson_sampling}"
-        )
         self._noise = NoiseSource(seed=_base_seed(), secure_mode=self.secure_mode)
         if self._noise_state_to_load is not None:
             self._noise.load_state_dict(self._noise_state_to_load)
@@ -330,6 +337,7 @@ class DPAutoStrategy(DDPStrategy):
         """
         super().on_train_start()
         trainer = self.lightning_module.trainer
+        summary.log_start_line(self, trainer)  # [firsthour] after callbacks' on_train_start: sigma is known
         if self._poisson_loader is None or not trainer.fit_loop.restarting:
             return
         # ``processed``: a checkpoint saved in on_train_batch_end has not counted its batch as
@@ -337,6 +345,11 @@ class DPAutoStrategy(DDPStrategy):
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if processed < trainer.num_training_batches:
             self._poisson_loader.batch_sampler.skip_next(processed)
+
+    def on_train_end(self) -> None:
+        """Print the end-of-fit line: sigma, q, steps, epsilon at delta, and why training stopped."""
+        super().on_train_end()
+        summary.log_fit_summary(self, self.lightning_module.trainer)  # [firsthour] after callbacks' hooks
 
     # ------------------------------------------------------------------ checkpoints
 

