@@ -381,10 +381,23 @@ def _worker(cfg_dict: dict[str, Any], accelerator: str) -> dict[str, Any]:
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path``: one per configuration (its first result; errors only if none).
+
+    Two runners (say CPU tasks and GPU tasks) may append to the same file; a configuration that
+    appears twice counts once.
+    """
     if not path.exists():
         return []
+    by_key: dict[str, dict[str, Any]] = {}
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = Config(**record["config"]).key()
+            if key not in by_key or ("result" in record and "result" not in by_key[key]):
+                by_key[key] = record
+    return list(by_key.values())
 
 
 def run_grid(

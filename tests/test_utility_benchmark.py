@@ -102,3 +102,14 @@ def test_one_digits_run_spends_at_most_the_target_epsilon(utility):
     res = utility.run_config(cfg)
     assert res["epsilon_spent"] <= 3.0 and res["steps"] > 0 and res["sigma"] > 0
     assert 0.0 <= res["test"] <= 1.0 and 0.0 <= res["val"] <= 1.0
+
+
+def test_a_configuration_recorded_twice_counts_once(utility, tmp_path):
+    records = _records(utility, random.Random(1))
+    out = tmp_path / "results.jsonl"
+    duplicate = {**records[0], "result": {**records[0]["result"], "test": -1.0}}
+    error = {"config": records[1]["config"], "error": "RuntimeError: boom"}
+    out.write_text("".join(json.dumps(r) + "\n" for r in [error, *records, duplicate]))
+    loaded = utility.load_records(out)
+    assert len(loaded) == len(records)
+    assert all("result" in r for r in loaded) and min(r["result"]["test"] for r in loaded) >= 0
