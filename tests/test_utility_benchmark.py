@@ -1,0 +1,115 @@
+"""benchmarks/utility.py: fair grids, learning-rate choice by validation, paired seeds, resumability."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def utility():
+    spec = importlib.util.spec_from_file_location("utility_benchmark", ROOT / "benchmarks" / "utility.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("grid", ["smoke", "full"])
+def test_every_method_gets_the_same_lr_trials_and_seeds(utility, grid):
+    configs = utility.build_grid(grid, ["digits", "char_lm", "text"])
+    assert len({c.key() for c in configs}) == len(configs), "duplicate configurations"
+    trials = defaultdict(lambda: defaultdict(set))
+    for c in configs:
+        table = (c.task, c.study, c.epsilon, c.optimizer, c.batch_size, c.epochs)
+        trials[table][c.method].add((c.lr, c.seed))
+    for table, methods in trials.items():
+        budgets = set(map(frozenset, methods.values()))
+        assert len(budgets) == 1, f"unequal trials in {table}"
+        assert "auto_s g=0.01" in methods and any(m.startswith("abadi") for m in methods), table
+        if grid == "full":
+            assert len({seed for _, seed in next(iter(budgets))}) >= 3, table
+
+
+def _records(utility, rng):
+    """Synthetic results: 2 methods x 3 lrs x 4 seeds; validation rises with the lr, test falls."""
+    out = []
+    for clipping, r in (("auto_s", 1.0), ("abadi", 3.0)):
+        for i, lr in enumerate((1e-3, 2e-3, 5e-3)):
+            for seed in range(4):
+                cfg = utility.Config("digits", "main", 3.0, clipping, 0.01, r, "adam", lr, seed, 64, 40)
+                val, test = 0.5 + 0.1 * i + 0.05 * rng.random(), 0.9 - 0.1 * i + 0.05 * rng.random()
+                res = {"val": val, "test": test, "sigma": 2.0, "steps": 800}
+                out.append({"config": asdict(cfg), "result": res})
+    return out
+
+
+def test_summary_tunes_lr_on_validation_over_the_seeds_every_cell_has(utility):
+    records = _records(utility, random.Random(0))
+    # Seed 3 is missing for one cell: seed 3 must then be left out of every method of the table.
+    records = [
+        r
+        for r in records
+        if not (r["config"]["clipping"] == "abadi" and r["config"]["lr"] == 2e-3 and r["config"]["seed"] == 3)
+    ]
+    summary = utility.summarise(records)
+    for method, clipping in (("auto_s g=0.01", "auto_s"), ("abadi R=3", "abadi")):
+        mine = [r for r in records if r["config"]["clipping"] == clipping and r["config"]["seed"] < 3]
+        by_lr = defaultdict(list)
+        for r in mine:
+            by_lr[r["config"]["lr"]].append(r["result"])
+        best_lr = max(by_lr, key=lambda lr: statistics.fmean(x["val"] for x in by_lr[lr]))
+        s = summary[("digits", "main", 3.0, "adam", 64, 40, method)]
+        assert s["lr"] == best_lr and s["n"] == 3 and s["trials"] == 3
+        tests = [x["test"] for x in by_lr[best_lr]]
+        assert s["mean"] == pytest.approx(statistics.fmean(tests))
+    report = utility.render_report(records)
+    assert "auto_s g=0.01 (default)" in report and "paired" in report
+
+
+def test_sgd_learning_rate_is_divided_by_r(utility):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = utility.Config("digits", "main", 3.0, "abadi", 0.01, 4.0, "sgd", 0.2, 0, 64, 40)
+    opt = utility.make_optimizer(params, cfg)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == pytest.approx(0.2 / 4.0)
+    adam = utility.make_optimizer(params, replace(cfg, optimizer="adam"))
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_finished_configurations_are_not_rerun(utility, tmp_path):
+    # A task that cannot run: if it were started, an error record would be appended.
+    cfg = utility.Config("no_such_task", "main", 3.0, "auto_s", 0.01, 1.0, "adam", 1e-3, 0, 64, 1)
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps({"config": asdict(cfg), "result": {"val": 1, "test": 1}}) + "\n")
+    before = out.read_text()
+    utility.run_grid([cfg], jobs=1, accelerator="cpu", out=out)
+    assert out.read_text() == before
+
+
+def test_one_digits_run_spends_at_most_the_target_epsilon(utility):
+    cfg = utility.Config("digits", "main", 3.0, "auto_s", 0.01, 1.0, "sgd", 0.1, 0, 64, 1)
+    res = utility.run_config(cfg)
+    assert res["epsilon_spent"] <= 3.0 and res["steps"] > 0 and res["sigma"] > 0
+    assert 0.0 <= res["test"] <= 1.0 and 0.0 <= res["val"] <= 1.0
+
+
+def test_a_configuration_recorded_twice_counts_once(utility, tmp_path):
+    records = _records(utility, random.Random(1))
+    out = tmp_path / "results.jsonl"
+    duplicate = {**records[0], "result": {**records[0]["result"], "test": -1.0}}
+    error = {"config": records[1]["config"], "error": "RuntimeError: boom"}
+    out.write_text("".join(json.dumps(r) + "\n" for r in [error, *records, duplicate]))
+    loaded = utility.load_records(out)
+    assert len(loaded) == len(records)
+    assert all("result" in r for r in loaded) and min(r["result"]["test"] for r in loaded) >= 0
