@@ -59,11 +59,25 @@ MODELS: dict[str, dict[str, Any]] = {
     # The demo Transformer's sizes as an encoder that Opacus 1.6 can run (see _build).
     "encoder": dict(kind="encoder", batch=32, seq=64, d=256, heads=4, ff=1024, layers=4, vocab=1000),
 }
+# transformers models from configs (random weights, dropout 0): full fine-tuning and a peft LoRA adapter
+_HF = dict(kind="hf", batch=16, seq=128, d=256, heads=4, ff=1024, layers=4, vocab=1000, image=64, patch=8)
+for _family in ("gpt2", "bert", "llama", "vit"):
+    MODELS[f"hf_{_family}"] = dict(_HF, family=_family, lora=False)
+    MODELS[f"hf_{_family}_lora"] = dict(_HF, family=_family, lora=True)
+#: ``--tiny``: the same models at sizes that only check the script runs (CPU smoke test)
+TINY = dict(batch=4, seq=16, d=32, heads=2, ff=64, layers=2, vocab=100, image=16, patch=8, sizes=(32, 16, 10))
+LORA_TARGETS = {
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "vit": ["q_proj", "v_proj"],
+}
 MODES = [
-    "nonprivate", "dp_auto_bk", "dp_auto_ghost", "dp_auto_hooks",
+    "nonprivate", "dp_auto_auto", "dp_auto_bk", "dp_auto_ghost", "dp_auto_hooks",
     "loop", "bk_loop", "opacus_hooks", "opacus_ghost",
 ]  # fmt: skip
 NOISE, MAX_GRAD_NORM, LR = 1.0, 1.0, 1e-3
+DEVICE = "cpu"  # --device cuda: the worker trains on the GPU and reads torch.cuda's peak memory
 
 
 def _rss_mb() -> float:
@@ -101,6 +115,8 @@ def _build(cfg: dict[str, Any], n: int):
             return net(xb), yb
 
         return make, (x, y), forward, nn.CrossEntropyLoss(), None
+    if cfg["kind"] == "hf":
+        return _hf(cfg, n, g)
     from lightning.pytorch.demos import Transformer
 
     x = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
@@ -152,6 +168,70 @@ class Encoder(nn.Module):
         return torch.log_softmax(self.decoder(h), dim=-1).flatten(0, 1)
 
 
+def _hf(cfg: dict[str, Any], n: int, g: torch.Generator):
+    """A transformers model from a config (GPT-2 / Llama: causal LM; BERT / ViT: classification)."""
+    import transformers as tf
+
+    family, d, classes = cfg["family"], cfg["d"], 10
+    common = dict(num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], hidden_size=d,
+                  intermediate_size=cfg["ff"])  # fmt: skip
+    dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=cfg["vocab"], n_positions=cfg["seq"], n_embd=d, n_layer=cfg["layers"],
+            n_head=cfg["heads"], n_inner=cfg["ff"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        build = lambda: tf.GPT2LMHeadModel(config)  # noqa: E731
+    elif family == "llama":
+        config = tf.LlamaConfig(vocab_size=cfg["vocab"], max_position_embeddings=cfg["seq"], **common)
+        build = lambda: tf.LlamaForCausalLM(config)  # noqa: E731
+    elif family == "bert":
+        config = tf.BertConfig(
+            vocab_size=cfg["vocab"],
+            max_position_embeddings=cfg["seq"],
+            num_labels=classes,
+            **common,
+            **dropout,
+        )
+        build = lambda: tf.BertForSequenceClassification(config)  # noqa: E731
+    else:
+        config = tf.ViTConfig(
+            image_size=cfg["image"], patch_size=cfg["patch"], num_labels=classes, **common, **dropout
+        )
+        build = lambda: tf.ViTForImageClassification(config)  # noqa: E731
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        net = build()
+        if cfg["lora"]:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS[family],
+                              fan_in_fan_out=family == "gpt2")  # fmt: skip
+            net = get_peft_model(net, lora)
+        return net
+
+    if family == "vit":
+        x = torch.randn(n, 3, cfg["image"], cfg["image"], generator=g)
+    else:
+        x = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
+    if family in ("gpt2", "llama"):
+        y = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
+
+        def forward(net: nn.Module, xb, yb):
+            return net(input_ids=xb).logits.flatten(0, 1), yb.reshape(-1)
+
+        return make, (x, y), forward, nn.CrossEntropyLoss(), (cfg["batch"], cfg["seq"], cfg["vocab"])
+    y = torch.randint(0, classes, (n,), generator=g)
+    key = "pixel_values" if family == "vit" else "input_ids"
+
+    def classify(net: nn.Module, xb, yb):
+        return net(**{key: xb}).logits, yb
+
+    return make, (x, y), classify, nn.CrossEntropyLoss(), None
+
+
 def _encoder(cfg: dict[str, Any]):
     def make() -> nn.Module:
         torch.manual_seed(0)
@@ -187,6 +267,36 @@ def _memory_profiler():
     )
 
 
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+class _PeakTensors:
+    """Peak tensor memory of the steps inside: torch.cuda's allocator peak on a GPU, the profiler's
+    memory timeline on the CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.peak_mb = cuda, 0.0
+
+    def __enter__(self) -> _PeakTensors:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.prof = _memory_profiler()
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.prof.__exit__(*exc)
+            self.peak_mb = _tensor_peak_mb(self.prof)
+
+
 def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -> dict[str, Any]:
     import torch
 
@@ -198,6 +308,7 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
     from lightning_autodp import DPAutoStrategy
 
     cfg = MODELS[model_name]
+    cuda = DEVICE == "cuda"
     total = steps + warmup + 1  # the last step is profiled for tensor memory, not timed
     make, (x, y), forward, criterion, shape = _build(cfg, cfg["batch"] * total)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg["batch"], shuffle=False)
@@ -224,15 +335,17 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
             def on_train_batch_start(self, *args: Any) -> None:
                 if len(times) == total - 1:
                     peaks["rss"] = _maxrss_mb()
-                    self.prof = _memory_profiler()
+                    self.prof = _PeakTensors(cuda)
                     self.prof.__enter__()
+                _sync(cuda)
                 self.t0 = time.perf_counter()
 
             def on_train_batch_end(self, *args: Any) -> None:
+                _sync(cuda)
                 times.append(time.perf_counter() - self.t0)
                 if len(times) == total:
                     self.prof.__exit__(None, None, None)
-                    peaks["tensor"] = _tensor_peak_mb(self.prof)
+                    peaks["tensor"] = self.prof.peak_mb
 
         strategy: Any = "auto"
         if mode != "nonprivate":
@@ -244,7 +357,7 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
             )
         trainer = L.Trainer(
             strategy=strategy,
-            accelerator="cpu",
+            accelerator="gpu" if cuda else "cpu",
             devices=1,
             max_steps=total,
             logger=False,
@@ -255,21 +368,24 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
         )
         trainer.fit(Task(), loader)
     else:
+        net = net.to(DEVICE)
         optimizer = torch.optim.SGD(net.parameters(), lr=LR)
         step = _loop_step(mode, net, optimizer, loader, forward, criterion, shape)
         prof = None
-        batches = list(loader)
+        batches = [[t.to(DEVICE) for t in batch] for batch in loader]
         for i, batch in enumerate(batches[:-1]):
             if profile and i == warmup:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof.__enter__()
+            _sync(cuda)
             t0 = time.perf_counter()
             step(batch)
+            _sync(cuda)
             times.append(time.perf_counter() - t0)
         peaks["rss"] = _maxrss_mb()
-        with _memory_profiler() as mem_prof:
+        with _PeakTensors(cuda) as mem_prof:
             step(batches[-1])
-        peaks["tensor"] = _tensor_peak_mb(mem_prof)
+        peaks["tensor"] = mem_prof.peak_mb
         if prof is not None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
@@ -308,6 +424,7 @@ def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
 
         def step(batch):
             # The strategy's arithmetic (DPAutoStrategy._clip_and_accumulate / _privatize_gradients).
+            engine.expect_batch_size(batch[0].shape[0])
             with engine.capturing():
                 out, target = forward(net, *batch)
                 loss = criterion(out, target)
@@ -381,8 +498,11 @@ def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
 # ------------------------------------------------------------------------------ driver
 
 
-def _run_one(model: str, mode: str, steps: int, warmup: int, profile: bool = False) -> dict[str, Any]:
+def _run_one(
+    model: str, mode: str, steps: int, warmup: int, profile: bool = False, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", model, mode, "--steps", str(steps), "--warmup", str(warmup)]
+    cmd += list(extra)
     if profile:
         cmd.append("--profile")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
@@ -467,8 +587,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="profile bk_loop on the transformer")
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without extension")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    parser.add_argument("--tiny", action="store_true", help="tiny model sizes: only checks that it runs")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if args.tiny:
+        for cfg in MODELS.values():
+            cfg.update({k: v for k, v in TINY.items() if k in cfg})
+    extra = ("--device", args.device) + (("--tiny",) if args.tiny else ())
     if args.worker:
         result = worker(*args.worker, args.steps, args.warmup, args.profile)
         print(json.dumps(result), flush=True)
@@ -495,12 +623,14 @@ def main() -> None:
         lightning=lightning.__version__,
         cpu=f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
         python=platform.python_version(),
-        models=MODELS,
+        device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        tiny=args.tiny,
+        models={m: MODELS[m] for m in models},
     )
     results = []
     for model in models:
         for mode in modes:
-            results.append(_run_one(model, mode, steps, warmup))
+            results.append(_run_one(model, mode, steps, warmup, extra=extra))
     rows = _ratios(results)
     Path(args.out + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     table = _markdown(rows, meta)

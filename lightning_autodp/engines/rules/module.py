@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.profiler import record_function
 
 from lightning_autodp.engines.rule import Handle
 
@@ -180,7 +181,7 @@ class ModuleCapture:
         per_example = sum(p.numel() for p in params.values()) + sum(g[0].numel() for g in grads)
         chunk = max(1, min(batch, CHUNK_ELEMENTS // max(1, per_example)))
         engine = self.handle.engine
-        with engine.recomputing(), torch.enable_grad():
+        with engine.recomputing(), torch.enable_grad(), record_function("dp_auto::per_module_rule"):
             g, outs = vmap(one_example, in_dims=(in_dims, 0), randomness="different", chunk_size=chunk)(
                 tensors, tuple(grads)
             )
