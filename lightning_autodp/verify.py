@@ -41,6 +41,9 @@ What the verification pass changes nothing of:
   calls) happen ``k + 2`` extra times.
 * Precision: autocast is off; the comparison is in the parameters' dtype.
 
+Cost: ``k + 2`` forward/backward passes on single examples or ``k`` examples, once per fit, and
+memory for ``k`` gradients of the trainable parameters (small for adapters such as LoRA).
+
 Batches of any nesting of tuples, lists, dicts and other mappings (transformers'
 ``BatchEncoding``) are sliced along dim 0 of every tensor leaf whose dim 0 is the batch size,
 taken from the first tensor leaf (Lightning's convention). A batch with no tensor, or with a list
@@ -80,7 +83,8 @@ class _Unsliceable(Exception):
 
 @dataclass
 class VerificationResult:
-    """What :func:`verify_engine` compared (``None`` fields when it was skipped)."""
+    """What :func:`verify_engine` found: the largest relative errors of the norms and of the
+    per-parameter weighted sums (NaN, with the reason in ``skipped``, when it was skipped)."""
 
     examples: int
     max_norm_error: float
