@@ -13,6 +13,10 @@ from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.pytorch.strategies.ddp import _sync_module_states
 from torch import nn
 
+#: torch's base classes of the batch-statistics norms (BatchNorm*d, SyncBatchNorm; InstanceNorm*d)
+BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+INSTANCE_NORM_BASE: type[nn.Module] = nn.modules.instancenorm._InstanceNorm
+
 
 def distributed_is_initialized() -> bool:
     """True when torch.distributed is available and a default process group exists."""

@@ -689,13 +689,13 @@ def _run_seed() -> int:
 def _validate_layers(module: nn.Module) -> None:
     """Reject layers whose per-example gradients are undefined or unsupported, naming the fix."""
     for name, sub in module.named_modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+        if isinstance(sub, _compat.BATCH_NORM_BASE):
             raise ValueError(
                 f"Layer {name!r} is {type(sub).__name__}: batch normalisation mixes the examples of a "
                 "batch, so per-example gradients and DP do not exist for it. Replace it with "
                 "nn.GroupNorm (e.g. opacus.validators.ModuleValidator.fix(model) does this)."
             )
-        if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
+        if isinstance(sub, _compat.INSTANCE_NORM_BASE) and sub.track_running_stats:
             raise ValueError(
                 f"Layer {name!r} is {type(sub).__name__}(track_running_stats=True), whose running statistics "
                 "mix examples. Use track_running_stats=False or nn.GroupNorm."

@@ -50,3 +50,10 @@ def test_grad_scaler_accessor():
     scaler = torch.amp.GradScaler("cpu")
     assert _compat.grad_scaler(MixedPrecision("16-mixed", "cpu", scaler=scaler)) is scaler
     assert _compat.grad_scaler(Precision()) is None
+
+
+def test_norm_base_classes():
+    assert isinstance(nn.BatchNorm1d(3), _compat.BATCH_NORM_BASE)
+    assert isinstance(nn.SyncBatchNorm(3), _compat.BATCH_NORM_BASE)
+    assert isinstance(nn.InstanceNorm2d(3), _compat.INSTANCE_NORM_BASE)
+    assert not isinstance(nn.GroupNorm(1, 3), (_compat.BATCH_NORM_BASE, _compat.INSTANCE_NORM_BASE))
