@@ -8,17 +8,22 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_autodp.accounting import ACCOUNTANTS, Accountant, AccountantName, Segment, merge_segments
+from lightning_autodp.core import PrivacyLedger
 
 
 class PrivacyBudget(Callback):
     r"""Account the privacy spent by ``dp_auto``, calibrate its noise, stop before a target epsilon.
 
     After every optimizer step the strategy has run one Poisson-subsampled Gaussian mechanism with
-    noise multiplier :math:`\sigma` and sampling rate :math:`q`. The callback keeps the history of
-    ``(sigma, q, steps)`` segments and composes it with Opacus's accountant (``"prv"``, default, or
-    ``"rdp"``) to report :math:`\varepsilon` at ``delta``.
+    noise multiplier :math:`\sigma` and sampling rate :math:`q`, and recorded that ``(sigma, q)`` in
+    its privacy ledger (:attr:`DPAutoStrategy.ledger <lightning_autodp.DPAutoStrategy.ledger>`).
+    The callback reads the ledger's ``(sigma, q, steps)`` segments (it keeps no copy of its own) and
+    composes them with Opacus's accountant (``"prv"``, default, or ``"rdp"``) to report
+    :math:`\varepsilon` at ``delta``. A change of :math:`q` (a reloaded training loader) starts a new
+    segment and a new stopping plan.
 
     * **Logging**: ``epsilon`` is logged (every logger, progress bar) at the end of each training
       epoch; :attr:`history` holds one ``(epoch, step, epsilon)`` per finished epoch.
@@ -31,8 +36,10 @@ class PrivacyBudget(Callback):
       :math:`\sigma` is chosen in ``on_train_start`` so that the planned run
       (``trainer.estimated_stepping_batches``: ``max_epochs`` or ``max_steps``) ends at, or up to
       1% under, the target.
-    * **Checkpoints**: the history and the calibrated sigma are saved with the checkpoint; a resumed
-      run continues from the epsilon already spent.
+    * **Checkpoints**: the ledger is saved with the strategy's state, this callback's history and
+      calibrated sigma with its own (under :attr:`state_key`, so several budgets can coexist); a
+      resumed run continues from the epsilon already spent. A checkpoint written with a
+      PrivacyBudget cannot be resumed without one (the strategy refuses, naming the fix).
 
     Args:
         target_epsilon: stop before exceeding it (and calibrate sigma for it). ``None``: only
@@ -81,23 +88,33 @@ class PrivacyBudget(Callback):
         #: sigma of the current run (calibrated or the strategy's)
         self.noise_multiplier: float | None = None
         self._accountant = Accountant(accountant, self.delta)
-        self._done: list[Segment] = []  # finished segments (earlier fits, restored checkpoints)
-        self._live: tuple[float, float] | None = None  # (sigma, q) of the running fit
-        self._strategy: Any = None
-        self._steps_at_start = 0
-        self._allowed_steps: int | None = None  # T*: steps this fit may take, None = unlimited
+        self._ledger: PrivacyLedger | None = None  # the strategy's, from setup on
+        self._restored_segments: list[Segment] = []  # from a checkpoint, until a ledger is attached
+        self._plan: tuple[float, float] | None = None  # (sigma, q) the stopping plan was made for
+        self._base: list[Segment] = []  # ledger segments when the plan was made
+        self._base_steps = 0
+        self._allowed_steps: int | None = None  # T*: steps after the base this plan allows; None = unlimited
         self._budget_binds = False  # T* is set by the target, not by the end of the search horizon
         self._planned: int | None = None  # steps this fit plans (Trainer's estimate), None = unbounded
         self._calibrated: float | None = None
         #: True once this callback stopped training because one more step would exceed the target
         self.stopped_by_budget = False
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            target_epsilon=self.target_epsilon, delta=self.delta, accountant=self.accountant
+        )
+
     # ------------------------------------------------------------------ what was spent
 
     @property
     def segments(self) -> list[Segment]:
-        """The whole history ``[(sigma, q, steps), ...]``, the running fit included."""
-        return merge_segments([*self._done, *self._live_segment()])
+        """The whole history ``[(sigma, q, steps), ...]`` from the strategy's privacy ledger."""
+        if self._ledger is None:
+            return list(self._restored_segments)
+        return merge_segments(self._ledger.accountable_segments())
 
     @property
     def steps(self) -> int:
@@ -110,15 +127,12 @@ class PrivacyBudget(Callback):
         return self._accountant.epsilon(self.segments)
 
     def _live_steps(self) -> int:
-        return 0 if self._strategy is None else self._strategy.steps - self._steps_at_start
-
-    def _live_segment(self) -> list[Segment]:
-        if self._live is None:
-            return []
-        return [(self._live[0], self._live[1], self._live_steps())]
+        """Steps taken since the current plan was made."""
+        return 0 if self._ledger is None else self._ledger.steps - self._base_steps
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -130,11 +144,12 @@ class PrivacyBudget(Callback):
                 f"{type(trainer.strategy).__name__}. Use L.Trainer(strategy='dp_auto', ...) or "
                 "strategy=lightning_autodp.DPAutoStrategy(...)."
             )
+        self._ledger = trainer.strategy.ledger
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
-        self._strategy = strategy
-        self._steps_at_start = strategy.steps
+        self._ledger = strategy.ledger
         q, n = strategy.sample_rate, strategy.dataset_size
         if not strategy.poisson_sampling:
             rank_zero_warn(
@@ -147,15 +162,13 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget(delta={self.delta}) is not below 1/N = {1.0 / n:.3g} (N={n} examples): "
                 "such a delta allows releasing whole examples. Choose delta well below 1/N, e.g. 1/(10 N)."
             )
-        planned = self._planned = self._planned_steps(trainer)
+        self._planned = self._planned_steps(trainer)
         self.stopped_by_budget = False
         if strategy.noise_multiplier is None:
             _warn_if_run_length_unchosen(trainer, self._calibrated is not None)
-            strategy.noise_multiplier = self._calibrate(q, planned)
-        sigma = float(strategy.noise_multiplier)
-        self.noise_multiplier = sigma
-        self._live = (sigma, q)
-        self._allowed_steps = self._search_allowed_steps(sigma, q, planned)
+            strategy.set_noise_multiplier(self._calibrate(q, self._planned))
+        self.noise_multiplier = float(strategy.noise_multiplier)
+        self._make_plan(strategy.noise_multiplier, q, self._planned)
         if self._allowed_steps == 0:
             rank_zero_warn(
                 f"PrivacyBudget: epsilon={self.epsilon:.4g} already spent; one more step would exceed "
@@ -164,15 +177,42 @@ class PrivacyBudget(Callback):
             trainer.should_stop = True
             self.stopped_by_budget = True
 
+    def _make_plan(self, sigma: float, q: float, planned: int | None) -> None:
+        """Find T*, the steps at ``(sigma, q)`` after what the ledger holds now that stay within target."""
+        assert self._ledger is not None
+        self._plan = (float(sigma), float(q))
+        self._base = self.segments
+        self._base_steps = self._ledger.steps
+        self._allowed_steps = None
+        if self.target_epsilon is not None:
+            self._allowed_steps = self._search_up_to(planned if planned is not None else 1024)
+
+    def _replan_if_mechanism_changed(self, trainer: pl.Trainer) -> None:
+        """A reloaded training loader changed q: what follows is a new segment with its own plan."""
+        strategy = trainer.strategy
+        current = (float(strategy.noise_multiplier), float(strategy.sample_rate))
+        if self._plan is None or current == self._plan:
+            return
+        rank_zero_info(
+            f"PrivacyBudget: the mechanism changed from (sigma, q) = {self._plan} to {current}; "
+            "a new accounted segment starts."
+        )
+        planned = None if self._planned is None else max(self._planned - self._live_steps(), 0)
+        self._planned = planned
+        self._make_plan(current[0], current[1], planned)
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._replan_if_mechanism_changed(trainer)
         # The epsilon logged at this epoch's end is known now: compute it while the epoch trains.
-        if self._live is None or not math.isfinite(trainer.num_training_batches):
+        if self._plan is None or not math.isfinite(trainer.num_training_batches):
             return
         steps = self._live_steps() + math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         if self._allowed_steps is not None:
             steps = min(steps, self._allowed_steps)
-        self._accountant.prefetch([*self._done, (self._live[0], self._live[1], steps)])
+        self._accountant.prefetch([*self._base, (self._plan[0], self._plan[1], steps)])
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -186,6 +226,7 @@ class PrivacyBudget(Callback):
             )
         self._extend_horizon()  # training runs longer than planned: search further out
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -218,6 +259,7 @@ class PrivacyBudget(Callback):
         else:
             rank_zero_info(message)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epsilon = self.epsilon
         self.history.append((trainer.current_epoch, self.steps, epsilon))
@@ -230,26 +272,25 @@ class PrivacyBudget(Callback):
     # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
     # lightning_autodp.summary, which reads this callback's epsilon, delta and stopped_by_budget.
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._accountant.close()
-        if stage == "fit" and self._live is not None:
-            # Close this fit's segment so a later fit in the same process adds a new one.
-            self._done = self.segments
-            self._live = None
-            self._strategy = None
+        self._plan = None  # the ledger stays attached: epsilon and segments remain readable
 
     # ------------------------------------------------------------------ checkpoints
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant,
-            "segments": [list(s) for s in self.segments],
+            "segments": [list(s) for s in self.segments],  # informative: the strategy's ledger is restored
             "history": [list(h) for h in self.history],
             "calibrated_noise_multiplier": self._calibrated,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if float(state_dict["delta"]) != self.delta:
             raise ValueError(
@@ -257,8 +298,7 @@ class PrivacyBudget(Callback):
                 f"delta={self.delta}. Epsilons at different deltas do not add up: resume with "
                 f"PrivacyBudget(delta={state_dict['delta']})."
             )
-        self._done = merge_segments(state_dict["segments"])
-        self._live = None
+        self._restored_segments = merge_segments(state_dict["segments"])
         self.history = [(int(e), int(s), float(eps)) for e, s, eps in state_dict["history"]]
         self._calibrated = state_dict.get("calibrated_noise_multiplier")
 
@@ -297,10 +337,10 @@ class PrivacyBudget(Callback):
         if self.accountant != "rdp":
             # RDP is cheap and a little looser: its sigma is a close, feasible first guess.
             rdp = Accountant("rdp", self.delta)
-            start = rdp.calibrate_noise_multiplier(self._done, q, steps, self.target_epsilon)
+            start = rdp.calibrate_noise_multiplier(self.segments, q, steps, self.target_epsilon)
         try:
             sigma = self._accountant.calibrate_noise_multiplier(
-                self._done, q, steps, self.target_epsilon, start=start
+                self.segments, q, steps, self.target_epsilon, start=start
             )
         except ValueError as err:
             raise ValueError(
@@ -311,7 +351,7 @@ class PrivacyBudget(Callback):
                 "RDP none below about 0.1 at delta=1e-5."
             ) from err
         self._calibrated = sigma
-        planned_eps = self._accountant.epsilon([*self._done, (sigma, q, planned)])
+        planned_eps = self._accountant.epsilon([*self.segments, (sigma, q, planned)])
         rank_zero_info(
             f"PrivacyBudget: noise_multiplier={sigma:.4g} calibrated for epsilon={planned_eps:.4g} "
             f"(target {self.target_epsilon}) at delta={self.delta:g} over {planned} steps with q={q:.4g} "
@@ -319,16 +359,11 @@ class PrivacyBudget(Callback):
         )
         return sigma
 
-    def _search_allowed_steps(self, sigma: float, q: float, planned: int | None) -> int | None:
-        if self.target_epsilon is None:
-            return None
-        return self._search_up_to(planned if planned is not None else 1024)
-
     def _search_up_to(self, horizon: int) -> int:
-        assert self._live is not None and self.target_epsilon is not None
+        assert self._plan is not None and self.target_epsilon is not None
         horizon = max(horizon, 1)
-        sigma, q = self._live
-        allowed = self._accountant.max_steps(self._done, sigma, q, self.target_epsilon, horizon)
+        sigma, q = self._plan
+        allowed = self._accountant.max_steps(self._base, sigma, q, self.target_epsilon, horizon)
         self._budget_binds = allowed < horizon
         return allowed
 

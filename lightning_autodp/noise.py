@@ -3,61 +3,65 @@
 The noise added to the clipped sum of one optimizer step is ``sigma * R * z`` with
 ``z ~ N(0, I)`` over every trainable parameter, drawn fresh each step. Under data parallelism it
 must enter the all-reduced sum exactly once: see :class:`NoiseSource` and
-:meth:`lightning_autodp.DPAutoStrategy.optimizer_step`.
+:func:`lightning_autodp.core.privatize`. Where the randomness comes from (seeded streams or the
+OS CSPRNG) is described in :mod:`lightning_autodp.randomness`.
 """
 
 from __future__ import annotations
 
-import secrets
-
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor
+
+from lightning_autodp.randomness import derive_seed, secure_gaussian
+
+NOISE_DOMAIN = "noise"
 
 
 class NoiseSource:
-    """Draws the Gaussian noise of each step.
+    """Draws the Gaussian noise of each optimizer step.
 
     Args:
-        seed: seed of the dedicated generator (reproducible runs; ignored in secure mode).
-        secure_mode: draw from the operating system's CSPRNG (a fresh 64-bit seed from
-            :mod:`secrets` for every tensor) and use Opacus's floating-point-attack mitigation
-            (each sample is a normalised sum of several Gaussian draws). Slower; use it for
-            production releases, not for experiments.
+        seed: the user's seed (see :mod:`lightning_autodp.randomness`); unused in secure mode.
+        rank: this process's global rank, part of the stream's domain.
+        secure_mode: draw from the OS CSPRNG with Opacus's floating-point mitigation instead.
+
+    In seeded mode the noise of step ``t`` comes from a generator seeded with
+    ``derive_seed(seed, "noise", rank, t)``: a resumed run draws what the uninterrupted one
+    would have, with no generator state to checkpoint, and the stream shares nothing with
+    torch's global generator seeded with the same ``seed``.
 
     Example::
 
-        source = NoiseSource(seed=0)
+        source = NoiseSource(seed=1234)
+        source.start_step(0)
         noisy = clipped_sum + source.gaussian(std=sigma * R, like=clipped_sum)
     """
 
-    def __init__(self, seed: int, secure_mode: bool = False) -> None:
+    def __init__(self, seed: int, rank: int = 0, secure_mode: bool = False) -> None:
+        self.seed = seed
+        self.rank = rank
         self.secure_mode = secure_mode
-        self._seed = seed
+        self._step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
+    def start_step(self, step: int) -> None:
+        """Select the stream of optimizer step ``step`` (counted over the whole training history)."""
+        self._step = step
+        self._generators.clear()
+
     def _generator(self, device: torch.device) -> torch.Generator:
-        if self.secure_mode:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(secrets.randbits(63))
-            return generator
         if device not in self._generators:
             generator = torch.Generator(device=device)
-            generator.manual_seed(self._seed)
+            generator.manual_seed(derive_seed(self.seed, NOISE_DOMAIN, self.rank, self._step))
             self._generators[device] = generator
         return self._generators[device]
 
     def gaussian(self, std: float, like: Tensor) -> Tensor:
-        """``std * z`` with ``z ~ N(0, I)`` shaped like ``like`` (float32)."""
-        reference = torch.empty_like(like, dtype=torch.float32)
-        return _generate_noise(std, reference, self._generator(like.device), secure_mode=self.secure_mode)
-
-    def state_dict(self) -> dict:
-        return {str(d): g.get_state() for d, g in self._generators.items()} if not self.secure_mode else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        for device_name, rng_state in state.items():
-            device = torch.device(device_name)
-            generator = torch.Generator(device=device)
-            generator.set_state(rng_state)
-            self._generators[device] = generator
+        """``std * z`` with ``z ~ N(0, I)`` shaped like ``like``, float32 on its device."""
+        if std == 0:
+            return torch.zeros(like.shape, device=like.device, dtype=torch.float32)
+        if self.secure_mode:
+            return (std * secure_gaussian(like.shape)).to(device=like.device, dtype=torch.float32)
+        return torch.normal(
+            0.0, std, size=like.shape, generator=self._generator(like.device), device=like.device
+        )

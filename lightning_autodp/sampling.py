@@ -22,7 +22,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from lightning_autodp.randomness import secure_uniform, seeded_generator
+
+SAMPLING_DOMAIN = "sampling"
 
 
 class EmptyBatch:
@@ -62,8 +67,12 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         micro_batches: ``k``, micro-batches per optimizer step (``accumulate_grad_batches``).
         steps_per_epoch: optimizer steps per epoch; default ``ceil(1 / q)`` so that an epoch
             uses every example once in expectation.
-        seed: base seed; the generator of each (rank, epoch) is derived from it, so ranks draw
-            independently and a run is reproducible.
+        seed: the user's seed; the generator of each (rank, epoch) is seeded with
+            ``derive_seed(seed, "sampling", rank, epoch)`` (:mod:`lightning_autodp.randomness`), so
+            ranks and epochs draw independently, independently of the noise and of torch's global
+            stream, and a run is reproducible.
+        secure_mode: draw every inclusion from the OS CSPRNG instead (``seed`` unused; not
+            reproducible, and a resumed epoch continues with fresh samples).
 
     Example::
 
@@ -80,6 +89,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         micro_batches: int = 1,
         steps_per_epoch: int | None = None,
         seed: int = 0,
+        secure_mode: bool = False,
     ) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
@@ -92,6 +102,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         self.micro_batches = micro_batches
         self.steps_per_epoch = steps_per_epoch or max(1, math.ceil(1 / sample_rate))
         self.seed = seed
+        self.secure_mode = secure_mode
         self.epoch = 0
         self._shard = torch.arange(rank, num_samples, num_replicas)
         self._batches_yielded = 0
@@ -104,22 +115,24 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         """Called by Lightning before each epoch; the epoch selects the generator stream."""
         self.epoch = epoch
 
-    def _generator(self) -> torch.Generator:
-        generator = torch.Generator()
-        # A distinct, reproducible stream per (seed, rank, epoch).
-        generator.manual_seed(hash((self.seed, self.rank, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return generator
+    def _inclusion_mask(self, generator: torch.Generator | None) -> Tensor:
+        """Which examples of the shard enter the next step: ``u_j < q`` (seeded) or ``u_j <= q``
+        (secure, ``u_j`` in (0, 1]); each with probability ``q``, independently."""
+        if generator is None:
+            return secure_uniform(len(self._shard)) <= self.sample_rate
+        return torch.rand(len(self._shard), generator=generator) < self.sample_rate
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.micro_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = self._generator()
+        generator = (
+            None if self.secure_mode else seeded_generator(self.seed, SAMPLING_DOMAIN, self.rank, self.epoch)
+        )
         skip, self._resume_from = self._resume_from, 0
         self._batches_yielded = 0
         for _ in range(self.steps_per_epoch):
-            mask = torch.rand(len(self._shard), generator=generator) < self.sample_rate
-            logical_batch = self._shard[mask]
+            logical_batch = self._shard[self._inclusion_mask(generator)]
             for micro_batch in torch.tensor_split(logical_batch, self.micro_batches):
                 self._batches_yielded += 1
                 if self._batches_yielded <= skip:
@@ -193,6 +206,7 @@ def poisson_dataloader(
     rank: int,
     micro_batches: int,
     seed: int,
+    secure_mode: bool = False,
 ) -> PoissonDataLoader:
     """A :class:`PoissonDataLoader` over ``dataloader``'s dataset, collate_fn and workers."""
     dataset: Dataset = dataloader.dataset
@@ -203,6 +217,7 @@ def poisson_dataloader(
         rank=rank,
         micro_batches=micro_batches,
         seed=seed,
+        secure_mode=secure_mode,
     )
     worker_kwargs: dict[str, Any] = {}
     if dataloader.num_workers > 0:

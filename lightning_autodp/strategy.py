@@ -1,11 +1,14 @@
-"""The Lightning glue: :class:`DPAutoStrategy`, registered as ``strategy="dp_auto"``."""
+"""The Lightning glue: :class:`DPAutoStrategy`, registered as ``strategy="dp_auto"``.
+
+The DP math lives in :mod:`lightning_autodp.core` (framework-free); this module maps Lightning's
+hooks onto it. Private Lightning/torch accesses go through :mod:`lightning_autodp._compat`.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import functools
-import logging
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -14,30 +17,42 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
 from lightning.pytorch.plugins.precision.half import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
-from lightning.pytorch.strategies.ddp import _sync_module_states
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_autodp import summary
-from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipping
+from lightning_autodp import _compat, summary
+from lightning_autodp.clipping import ClippingMode, validate_clipping
+from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
 from lightning_autodp.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
 from lightning_autodp.verify import DEFAULT_EXAMPLES, check_verify_args, verify_engine
 
-log = logging.getLogger(__name__)
-
 #: ``noise_multiplier`` default: calibrated by a PrivacyBudget callback if there is one, else 1.0.
 AUTO = "auto"
 _DEFAULT_NOISE_MULTIPLIER = 1.0
 _RECURRENT_LAYERS = (nn.RNNBase,)
+#: DDPStrategy arguments that configure the strategy itself (not the DistributedDataParallel wrapper)
+_STRATEGY_ARGUMENTS = frozenset(
+    {
+        "accelerator",
+        "parallel_devices",
+        "cluster_environment",
+        "checkpoint_io",
+        "precision_plugin",
+        "process_group_backend",
+        "start_method",
+    }
+)
+_CHECKPOINT_KEY = "dp_auto"
 
 
 class DPAutoStrategy(DDPStrategy):
@@ -55,11 +70,13 @@ class DPAutoStrategy(DDPStrategy):
     parameter, :math:`C_i` the clipping factor of ``clipping`` (see :mod:`lightning_autodp.clipping`),
     :math:`R` = ``max_grad_norm``, :math:`\sigma` = ``noise_multiplier`` and :math:`B` the expected
     logical batch size :math:`qN` (or the actual number of examples without Poisson sampling).
+    The math is in :mod:`lightning_autodp.core`; this class maps Lightning's hooks onto it.
 
     Args:
         noise_multiplier: :math:`\sigma`. ``"auto"`` (default): chosen by a
             :class:`~lightning_autodp.PrivacyBudget` callback for its target epsilon, or 1.0 when
-            there is none. ``None``: must be calibrated by such a callback.
+            there is none (a resumed run keeps the checkpoint's sigma). ``None``: must be
+            calibrated by such a callback. Fixed once the first step of a fit is taken.
         clipping: ``"auto_s"`` (default) :math:`R/(\|g_i\|+\gamma)`, ``"auto_v"`` :math:`R/\|g_i\|`,
             ``"abadi"`` :math:`\min(1, R/\|g_i\|)`.
         gamma: the stability constant of AUTO-S.
@@ -80,10 +97,18 @@ class DPAutoStrategy(DDPStrategy):
             against each example's own backward pass, and refuse to train on a mismatch (see
             :mod:`lightning_autodp.verify`). ``False`` turns the check off.
         verify_examples: how many examples the verification checks (default 4).
-        secure_mode: draw noise from the operating system's CSPRNG with Opacus's mitigation of
-            floating-point attacks. Off by default (reproducible runs with ``seed_everything``).
+        seed: the seed of the noise and sampling streams (each derived from it by SHA-256 with a
+            domain tag, see :mod:`lightning_autodp.randomness`). ``None`` (default): the run's seed
+            (``seed_everything``, else torch's initial seed). Anyone who knows it can recompute the
+            noise and the samples: keep it secret, or use ``secure_mode``. Restored from a checkpoint.
+        secure_mode: draw noise and Poisson samples from the operating system's CSPRNG
+            (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
+        bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
+            most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
         \**kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
-            ``process_group_backend``, ``timeout``, ``start_method``).
+            ``process_group_backend``, ``start_method``). Arguments of torch's
+            ``DistributedDataParallel`` wrapper or DDP communication hooks are refused: dp_auto does
+            not wrap the model in DDP (it all-reduces the clipped, noised sums itself).
 
     Attributes:
         noise_multiplier: :math:`\sigma` in use: a float once ``fit`` has started (after
@@ -110,7 +135,20 @@ class DPAutoStrategy(DDPStrategy):
     Data parallelism: each rank clips its own examples and sums them; rank 0 alone adds the noise
     to its sum *before* the all-reduce, so the reduced gradient carries the noise exactly once
     (:math:`\sigma R`, not :math:`\sqrt{W}\sigma R`) and every rank ends with the same gradient.
-    Drawing on one rank needs no shared generator state, and survives ranks seeded differently.
+
+    Empty Poisson steps: a micro-batch that drew no example arrives as
+    :class:`~lightning_autodp.EmptyBatch` (``len(batch) == 0``). The step is still taken (noise
+    only). The module's ``training_step``, ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer`` are not called for it, so it logs nothing itself (but Lightning's
+    logger connector re-emits the last ``on_step`` value of a metric on any step that did not log
+    it, as for any skipped training step; log with ``on_epoch=True`` to avoid that). Exactly these
+    hooks do see the ``EmptyBatch``: ``on_before_batch_transfer`` (called by Lightning's loop before
+    the strategy), and ``on_train_batch_start``/``on_train_batch_end`` of the module and the
+    callbacks, where ``outputs`` holds a placeholder ``{"loss": tensor(0.)}`` (no loss was computed:
+    test ``isinstance(batch, EmptyBatch)`` before using it).
+
+    The privacy ledger :attr:`ledger` records the ``(sigma, q)`` of every step taken and is saved
+    and restored with checkpoints.
     """
 
     strategy_name = "dp_auto"
@@ -124,26 +162,28 @@ class DPAutoStrategy(DDPStrategy):
         poisson_sampling: bool = True,
         engine: Literal["auto", "bk", "ghost", "hooks"] = "auto",
         loss_reduction: Literal["mean", "sum"] = "mean",
+        seed: int | None = None,
         secure_mode: bool = False,
         verify: bool = True,  # verify
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
+        bucket_cap_mb: float = DEFAULT_BUCKET_MB,
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
     ) -> None:
+        _refuse_ddp_wrapper_arguments(kwargs)
         super().__init__(timeout=timeout, **kwargs)
-        if noise_multiplier not in (None, AUTO) and not (
-            isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0
-        ):
-            raise ValueError(
-                f"noise_multiplier must be >= 0 (or None/'auto' to calibrate it with a PrivacyBudget "
-                f"callback), got {noise_multiplier!r}."
-            )
+        if noise_multiplier not in (None, AUTO):
+            _check_noise_multiplier(noise_multiplier)
         validate_clipping(clipping, max_grad_norm, gamma)
         if engine not in ENGINE_NAMES:
             raise ValueError(f"Unknown engine={engine!r}. Use one of {', '.join(map(repr, ENGINE_NAMES))}.")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-        self.noise_multiplier: float | None | str = (
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None (the run's seed), got {seed!r}.")
+        if not (isinstance(bucket_cap_mb, (int, float)) and bucket_cap_mb > 0):
+            raise ValueError(f"bucket_cap_mb must be a positive number of megabytes, got {bucket_cap_mb!r}.")
+        self._noise_multiplier: float | None | str = (
             float(noise_multiplier) if isinstance(noise_multiplier, (int, float)) else noise_multiplier
         )
         self.clipping = clipping
@@ -157,22 +197,26 @@ class DPAutoStrategy(DDPStrategy):
         check_verify_args(verify, verify_examples)
         self.verify, self.verify_examples, self._verify_pending = verify, verify_examples, False
         # -- end verify
-        #: optimizer steps taken (each one consumed privacy), identical on every rank
-        self.steps = 0
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        #: what the mechanism ran: ``(sigma, q)`` of every optimizer step (see :class:`PrivacyLedger`)
+        self.ledger = PrivacyLedger()
         self.dataset_size: int | None = None
+        self._seed_arg = seed
+        self._seed: int | None = None
+        self._restored_seed: int | None = None
         self._sample_rate: float | None = None
         self._engine: PerSampleEngine | None = None
+        self._dp_step: DPStep | None = None
         self._noise: NoiseSource | None = None
-        self._summed: dict[nn.Parameter, Tensor] = {}
-        self._examples_in_step = 0
         self._capture: contextlib.ExitStack | None = None
         self._fitting = False
+        self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
         self._poisson_loader: Any = None
-        self._noise_state_to_load: dict | None = None
 
     # ------------------------------------------------------------------ registry and launch
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
             cls.strategy_name,
@@ -180,6 +224,7 @@ class DPAutoStrategy(DDPStrategy):
             description="Differentially private training with automatic clipping (lightning-autodp)",
         )
 
+    @override
     def _configure_launcher(self) -> None:
         """No launcher for a single process, as Lightning's single-device strategy.
 
@@ -192,6 +237,7 @@ class DPAutoStrategy(DDPStrategy):
         else:
             self._launcher = None
 
+    @override
     def setup_distributed(self) -> None:
         """Join the process group only when there is more than one process."""
         if self.num_nodes * self.num_processes > 1:
@@ -202,6 +248,43 @@ class DPAutoStrategy(DDPStrategy):
         self.set_world_ranks()
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (each one consumed privacy), identical on every rank: ``ledger.steps``."""
+        return self.ledger.steps
+
+    @property
+    def noise_multiplier(self) -> float | None | str:
+        r""":math:`\sigma` of the coming steps (``"auto"``/None until resolved at the start of fit).
+
+        Setting it is :meth:`set_noise_multiplier`: allowed until the first step of a fit.
+        """
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self.set_noise_multiplier(value)
+
+    def set_noise_multiplier(self, sigma: float) -> None:
+        """Fix sigma for this fit (a calibrating callback's proposal); refused after its first step.
+
+        Every step records the sigma it used in :attr:`ledger`, so a sigma set before another fit
+        starts a new accounted segment; within a fit it would make the running plan wrong.
+        """
+        if self._steps_at_fit_start is not None and self.ledger.steps > self._steps_at_fit_start:
+            raise RuntimeError(
+                f"noise_multiplier cannot change after the first optimizer step of a fit (it is "
+                f"{self._noise_multiplier}, {self.ledger.steps - self._steps_at_fit_start} steps taken). Set "
+                "DPAutoStrategy(noise_multiplier=...) before trainer.fit, or calibrate it with PrivacyBudget."
+            )
+        _check_noise_multiplier(sigma)
+        self._noise_multiplier = float(sigma)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the noise and sampling streams of this fit (None in secure mode / before fit)."""
+        return self._seed
 
     @property
     def sample_rate(self) -> float:
@@ -221,19 +304,24 @@ class DPAutoStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ setup and validation
 
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._fitting = trainer.state.fn == TrainerFn.FITTING
         if self._fitting:
             self._validate_trainer(trainer)
             self._resolve_noise_multiplier(trainer)
+            self._resolve_seed()
+            self._steps_at_fit_start = self.ledger.steps
         if self.world_size > 1:
             super().setup(trainer)  # DDPStrategy.setup: configure_ddp() when fitting
         else:
             Strategy.setup(self, trainer)  # the same steps without a process group
 
+    @override
     def configure_ddp(self) -> None:
         self.model = self._setup_model(self.model)
 
+    @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """Attach the per-sample engine in place instead of wrapping in DistributedDataParallel.
 
@@ -245,14 +333,12 @@ class DPAutoStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         _validate_layers(module)
-        if self.world_size > 1 and _distributed_is_initialized():
-            _sync_module_states(module)  # what DDP's constructor would do: rank 0's weights everywhere
+        if self.world_size > 1 and _compat.distributed_is_initialized():
+            _compat.sync_module_states(module)  # what DDP's constructor would do: rank 0's weights everywhere
         self._engine = make_engine(self.engine, module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
-        self._noise = NoiseSource(seed=_base_seed(), secure_mode=self.secure_mode)
-        if self._noise_state_to_load is not None:
-            self._noise.load_state_dict(self._noise_state_to_load)
-            self._noise_state_to_load = None
+        self._dp_step = DPStep(self._engine.params, self.clipping, self.max_grad_norm, self.gamma)
+        self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
         return model
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
@@ -280,23 +366,58 @@ class DPAutoStrategy(DDPStrategy):
             )
 
     def _resolve_noise_multiplier(self, trainer: pl.Trainer) -> None:
+        """Fix sigma before the fit: the user's number, the checkpoint's, a callback's, or 1.0."""
         calibrator = any(getattr(cb, "calibrates_noise_multiplier", False) for cb in trainer.callbacks)
-        if self.noise_multiplier == AUTO:
-            self.noise_multiplier = None if calibrator else _DEFAULT_NOISE_MULTIPLIER
-        if self.noise_multiplier is None and not calibrator:
+        restored = self.ledger.last[0] if self.ledger.last is not None else None
+        if self._noise_multiplier in (AUTO, None) and restored is not None:
+            # A resumed run keeps the sigma it was trained (and accounted) with.
+            rank_zero_info(f"dp_auto: noise_multiplier={restored:.6g} restored from the privacy ledger.")
+            self._noise_multiplier = restored
+        elif (
+            isinstance(self._noise_multiplier, float)
+            and restored is not None
+            and restored != self._noise_multiplier
+        ):
+            rank_zero_warn(
+                f"dp_auto resumes with noise_multiplier={self._noise_multiplier}, but the checkpoint's steps "
+                f"ran with {restored}: the privacy ledger starts a new segment with the new sigma."
+            )
+        if self._noise_multiplier == AUTO:
+            self._noise_multiplier = None if calibrator else _DEFAULT_NOISE_MULTIPLIER
+        if self._noise_multiplier is None and not calibrator:
             raise ValueError(
                 "DPAutoStrategy(noise_multiplier=None) needs a callback that calibrates it: add "
                 "lightning_autodp.PrivacyBudget(target_epsilon=..., delta=...) to Trainer(callbacks=...), "
                 "or pass a number, e.g. DPAutoStrategy(noise_multiplier=1.0)."
             )
 
+    def _resolve_seed(self) -> None:
+        """The seed of this fit: the user's, else the checkpoint's, else the run's."""
+        if self.secure_mode:
+            self._seed = None
+            return
+        if self._seed_arg is not None:
+            if self._restored_seed is not None and self._restored_seed != self._seed_arg:
+                rank_zero_warn(
+                    f"DPAutoStrategy(seed={self._seed_arg}) differs from the checkpoint's seed: the resumed "
+                    "run draws other noise and samples than the interrupted one would have (still private)."
+                )
+            self._seed = self._seed_arg
+        elif self._restored_seed is not None:
+            self._seed = self._restored_seed
+        else:
+            self._seed = _run_seed()
+
     # ------------------------------------------------------------------ data
 
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         """Swap the training DataLoader for Poisson samples of the same dataset.
 
         Lightning calls this for every loader; only the training loader of ``fit`` changes
-        (validation, test and predict run as usual, without per-sample cost).
+        (validation, test and predict run as usual, without per-sample cost). A reloaded training
+        loader (``reload_dataloaders_every_n_epochs``) may change ``q``: the ledger then starts a
+        new segment at the next step.
         """
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or not trainer.training:
@@ -315,7 +436,8 @@ class DPAutoStrategy(DDPStrategy):
             num_replicas=self.world_size,
             rank=self.global_rank,
             micro_batches=micro_batches,
-            seed=_base_seed(),
+            seed=self._seed or 0,
+            secure_mode=self.secure_mode,
         )
         return self._poisson_loader
 
@@ -329,6 +451,7 @@ class DPAutoStrategy(DDPStrategy):
         if self.dataset_size and batch_size:
             self._sample_rate = min(1.0, batch_size * micro_batches * self.world_size / self.dataset_size)
 
+    @override
     def on_train_start(self) -> None:
         """On a mid-epoch resume, continue the epoch's Poisson stream after the batches already trained.
 
@@ -338,11 +461,9 @@ class DPAutoStrategy(DDPStrategy):
         super().on_train_start()
         trainer = self.lightning_module.trainer
         summary.log_start_line(self, trainer)  # [firsthour] after callbacks' on_train_start: sigma is known
-        if self._poisson_loader is None or not trainer.fit_loop.restarting:
+        if self._poisson_loader is None or not _compat.fit_loop_restarting(trainer):
             return
-        # ``processed``: a checkpoint saved in on_train_batch_end has not counted its batch as
-        # completed yet, but Lightning resumes after it.
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        processed = _compat.batches_processed_in_epoch(trainer)
         if processed < trainer.num_training_batches:
             self._poisson_loader.batch_sampler.skip_next(processed)
 
@@ -351,34 +472,75 @@ class DPAutoStrategy(DDPStrategy):
         super().on_train_end()
         summary.log_fit_summary(self, self.lightning_module.trainer)  # [firsthour] after callbacks' hooks
 
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """An :class:`EmptyBatch` skips the module's transfer hooks: it has nothing to transfer."""
+        if isinstance(batch, EmptyBatch):
+            return batch
+        return super().batch_to_device(batch, device, dataloader_idx)
+
     # ------------------------------------------------------------------ checkpoints
 
+    def dp_state_dict(self) -> dict[str, Any]:
+        """The strategy's privacy state: the ledger and the seed of the streams.
+
+        In seeded mode the seed is as secret as the noise: keep checkpoints private.
+        """
+        return {"ledger": self.ledger.state_dict(), "seed": self._seed, "secure_mode": self.secure_mode}
+
+    def load_dp_state_dict(self, state: dict[str, Any]) -> None:
+        if "ledger" in state:
+            self.ledger.load_state_dict(state["ledger"])
+        else:  # written before the ledger existed: the step count only, at an unknown sigma
+            raise ValueError(
+                "This checkpoint's dp_auto state has no privacy ledger (an older lightning-autodp wrote it): "
+                "its steps cannot be accounted. Resume with the version that wrote it, or start a new run."
+            )
+        self._restored_seed = state.get("seed")
+
+    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
-        """Add the noise generator's state, so that a resumed run draws the noise it would have."""
-        if self._noise is not None:
-            checkpoint["dp_auto"] = {"noise": self._noise.state_dict(), "steps": self.steps}
+        """Add the privacy ledger and the seed: a resumed run is accounted and drawn as the original."""
+        checkpoint[_CHECKPOINT_KEY] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get("dp_auto")
+        state = checkpoint.get(_CHECKPOINT_KEY)
         if state is not None:
-            if self._noise is not None:
-                self._noise.load_state_dict(state["noise"])
-            else:
-                self._noise_state_to_load = state["noise"]
+            self.load_dp_state_dict(state)
+        self._refuse_resume_without_budget(checkpoint)
         return checkpoint
+
+    def _refuse_resume_without_budget(self, checkpoint: dict[str, Any]) -> None:
+        """A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported."""
+        saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith("PrivacyBudget")]
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        if not saved or trainer is None:
+            return
+        if not any(getattr(cb, "calibrates_noise_multiplier", False) for cb in trainer.callbacks):
+            raise ValueError(
+                f"The checkpoint was trained with a PrivacyBudget ({saved[0]}), but this Trainer has none: "
+                "the "
+                "resumed run's epsilon would go unreported. Add the same PrivacyBudget(target_epsilon=..., "
+                "delta=..., accountant=...) to Trainer(callbacks=...); the spent budget is restored from the "
+                "checkpoint's privacy ledger."
+            )
 
     # ------------------------------------------------------------------ the training step
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the user's step with per-sample capture on; an empty Poisson batch runs no step."""
+        """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code."""
         self._close_capture()
         batch = args[0] if args else kwargs.get("batch")
         if isinstance(batch, EmptyBatch):
-            # No example drew this micro-batch: the step still happens (noise only).
+            # No example drew this micro-batch: the step still happens (noise only). A graph-less
+            # zero lets Lightning's closure run backward; nothing is logged for it.
             return torch.zeros((), device=self.root_device, requires_grad=True)
         assert self._engine is not None
         # -- verify (lightning_autodp.verify): engine vs a per-example loop, before the first update
@@ -395,6 +557,7 @@ class DPAutoStrategy(DDPStrategy):
         self._capture.enter_context(self._engine.capturing())
         return super().training_step(*args, **kwargs)
 
+    @override
     def backward(
         self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
     ) -> Tensor:
@@ -413,31 +576,23 @@ class DPAutoStrategy(DDPStrategy):
                 f"{tuple(closure_loss.shape)}. "
                 "Reduce it with .mean() (loss_reduction='mean') or .sum() (loss_reduction='sum')."
             )
-        assert self._engine is not None
+        assert self._engine is not None and self._dp_step is not None
         try:
             if self._engine.needs_backward_root:
-                closure_loss = self._backward_keeping_graph(closure_loss, optimizer, *args, **kwargs)
+                # A two-pass engine backpropagates the loss again: keep the graph, and hand it the
+                # root the first pass used. Of the precision plugins dp_auto accepts, only a
+                # GradScaler changes the root (MixedPrecision.pre_backward: scaler.scale(loss)).
+                kwargs["retain_graph"] = True
+                root = closure_loss
+                closure_loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+                scaler = _compat.grad_scaler(self.precision_plugin)
+                self._engine.set_backward_root(scaler.scale(root) if scaler is not None else root)
             else:
                 closure_loss = super().backward(closure_loss, optimizer, *args, **kwargs)
         finally:
             self._close_capture()
-        self._clip_and_accumulate()
-        return closure_loss
-
-    def _backward_keeping_graph(
-        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
-    ) -> Tensor:
-        """``Strategy.backward`` with the graph retained and the loss that was backpropagated
-        (after the precision plugin's GradScaler scaling) handed to a two-pass engine."""
-        assert self._engine is not None
-        module = self.lightning_module
-        self.pre_backward(closure_loss)
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        kwargs["retain_graph"] = True
-        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        self._engine.set_backward_root(closure_loss)
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        self.post_backward(closure_loss)
+        scale = self._backward_scale(self._engine.batch_size)
+        self._dp_step.clip_and_accumulate(self._engine, scale, check_finite=not self._grad_scaler_active())
         return closure_loss
 
     def _close_capture(self) -> None:
@@ -446,46 +601,22 @@ class DPAutoStrategy(DDPStrategy):
             self._capture = None
 
     def _grad_scaler_active(self) -> bool:
-        return getattr(self.precision_plugin, "scaler", None) is not None
+        return _compat.grad_scaler(self.precision_plugin) is not None
 
     def _backward_scale(self, batch_size: int) -> float:
         """``s`` with ``raw_grad_i = s * g_i``: the loss reduction, Lightning's division of the loss
         by ``accumulate_grad_batches``, and the GradScaler's factor."""
         trainer = self.lightning_module.trainer
         scale = 1.0 / trainer.accumulate_grad_batches
-        if self.loss_reduction == "mean":
+        if self.loss_reduction == "mean" and batch_size > 0:
             scale /= batch_size
         if self._grad_scaler_active():
-            scale *= float(self.precision_plugin.scaler.get_scale())  # type: ignore[attr-defined]
+            scale *= float(_compat.grad_scaler(self.precision_plugin).get_scale())
         return scale
-
-    def _clip_and_accumulate(self) -> None:
-        r"""Add this micro-batch's :math:`\sum_i C_i g_i` to the step's running sum.
-
-        With raw per-example gradients :math:`\hat g_i = s\, g_i` from the engine,
-        :math:`\|g_i\| = \|\hat g_i\| / s` and :math:`C_i g_i = (C_i / s)\,\hat g_i`.
-        """
-        engine = self._engine
-        assert engine is not None
-        batch_size = engine.batch_size
-        if batch_size > 0:
-            scale = self._backward_scale(batch_size)
-            norms = engine.per_sample_squared_norms().sqrt() / scale
-            if not self._grad_scaler_active() and not torch.isfinite(norms).all():
-                raise FloatingPointError(
-                    "A per-example gradient norm is NaN or inf. dp_auto stops rather than take noise-only "
-                    "steps: lower the learning rate or check the data."
-                )
-            factors = clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
-            engine.accumulate_weighted_sum(factors / scale, self._summed)
-            self._examples_in_step += batch_size
-        engine.reset()
-        # The raw (unclipped) gradients autograd may have left must never reach the optimizer.
-        for p in engine.params:
-            p.grad = None
 
     # ------------------------------------------------------------------ the optimizer step
 
+    @override
     def optimizer_step(
         self,
         optimizer: Optimizer,
@@ -503,51 +634,44 @@ class DPAutoStrategy(DDPStrategy):
         return super().optimizer_step(optimizer, private_closure, model, **kwargs)
 
     def _privatize_gradients(self) -> None:
-        r"""Set ``p.grad`` to :math:`(\sum_i C_i g_i + \sigma R z) / B` for every trainable ``p``.
+        r"""Set ``p.grad`` to :math:`(\sum_i C_i g_i + \sigma R z) / B` (see :meth:`DPStep.privatize`).
 
-        1. rank 0 adds :math:`\sigma R z` to its clipped sum (one draw for the whole world);
-        2. the sums (and the example count) are all-reduced: :math:`\sum_{ranks}`;
-        3. divide by :math:`B = qN` (Poisson) or the number of examples in the step.
-        Under a GradScaler the result is put back in scaled units, so that Lightning's
-        ``scaler.unscale_`` and inf/NaN check act on it as on ordinary gradients.
+        Rank 0 alone draws the noise; every rank records ``(sigma, q)`` in the ledger.
         """
-        engine, noise = self._engine, self._noise
-        assert engine is not None and noise is not None
-        sigma = self.noise_multiplier
+        dp_step, noise = self._dp_step, self._noise
+        assert dp_step is not None and noise is not None
+        sigma = self._noise_multiplier
         if not isinstance(sigma, float):
             raise RuntimeError(
                 "dp_auto has no noise_multiplier at the first optimizer step; the PrivacyBudget callback "
                 "should have calibrated it in on_train_start."
             )
-        params = engine.params
-        sums = [self._summed.pop(p, None) for p in params]
-        sums = [
-            s if s is not None else torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-            for s, p in zip(sums, params)
-        ]
-        if self.global_rank == 0 and sigma > 0:
-            std = sigma * self.max_grad_norm
-            for s in sums:
-                s.add_(noise.gaussian(std, like=s).to(s.dtype))
-        examples = float(self._examples_in_step)
-        if self.world_size > 1 and _distributed_is_initialized():
-            sums, examples = _all_reduce_sums(sums, examples)
-        divisor = self.expected_batch_size if self.poisson_sampling else max(examples, 1.0)
-        if self._grad_scaler_active():
-            divisor /= float(self.precision_plugin.scaler.get_scale())  # type: ignore[attr-defined]
-        for p, s in zip(params, sums):
-            p.grad = (s / divisor).to(p.dtype)
-        self._examples_in_step = 0
-        self.steps += 1
+        noise.start_step(self.ledger.steps)
+        distributed = self.world_size > 1 and _compat.distributed_is_initialized()
+        scaler = _compat.grad_scaler(self.precision_plugin)
+        dp_step.privatize(
+            sigma=sigma,
+            q=self._sample_rate,
+            noise=noise if self.global_rank == 0 else None,
+            ledger=self.ledger,
+            divisor=self.expected_batch_size if self.poisson_sampling else None,
+            reduce=_all_reduce_sum if distributed else None,
+            bucket_mb=self.bucket_cap_mb,
+            grad_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
+        )
 
     # ------------------------------------------------------------------ teardown
 
+    @override
     def teardown(self) -> None:
         self._close_capture()
         if self._engine is not None:
             self._engine.remove()
             self._engine = None
-        self._summed.clear()
+        if self._dp_step is not None:
+            self._dp_step.clear()
+            self._dp_step = None
+        self._steps_at_fit_start = None
         super().teardown()
 
 
@@ -567,33 +691,47 @@ def _destroy_process_group_at_exit() -> None:
     atexit.register(destroy)
 
 
-def _all_reduce_sums(sums: list[Tensor], examples: float) -> tuple[list[Tensor], float]:
-    """Sum the clipped (and, on rank 0, noised) sums and the example counts over all ranks."""
-    flat = torch.cat([s.reshape(-1) for s in sums] + [sums[0].new_tensor([examples])])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, offset = [], 0
-    for s in sums:
-        out.append(flat[offset : offset + s.numel()].view_as(s))
-        offset += s.numel()
-    return out, float(flat[-1].item())
+def _all_reduce_sum(tensor: Tensor) -> None:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def _base_seed() -> int:
-    """The run's seed (``seed_everything``), else torch's initial seed; 63 bits."""
+def _check_noise_multiplier(sigma: object) -> None:
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and 0 <= sigma < float("inf")):
+        raise ValueError(
+            f"noise_multiplier must be >= 0 and finite (or None/'auto' to calibrate it with a "
+            "PrivacyBudget "
+            f"callback), got {sigma!r}."
+        )
+
+
+def _refuse_ddp_wrapper_arguments(kwargs: dict[str, Any]) -> None:
+    """dp_auto never builds DistributedDataParallel: its arguments would be silently dropped."""
+    refused = sorted(k for k in kwargs if k not in _STRATEGY_ARGUMENTS)
+    if refused:
+        raise TypeError(
+            f"DPAutoStrategy does not accept {', '.join(map(repr, refused))}: dp_auto does not wrap the "
+            "model in torch's DistributedDataParallel (it all-reduces the clipped, noised sums itself), "
+            "so DistributedDataParallel arguments and DDP communication hooks would have no effect. "
+            "Remove them; the all-reduce's bucket size is DPAutoStrategy(bucket_cap_mb=...)."
+        )
+
+
+def _run_seed() -> int:
+    """The run's seed (``seed_everything``), else torch's initial seed."""
     seed = os.environ.get("PL_GLOBAL_SEED")
-    return (int(seed) if seed is not None else torch.initial_seed()) & 0x7FFF_FFFF_FFFF_FFFF
+    return int(seed) if seed is not None else torch.initial_seed()
 
 
 def _validate_layers(module: nn.Module) -> None:
     """Reject layers whose per-example gradients are undefined or unsupported, naming the fix."""
     for name, sub in module.named_modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+        if isinstance(sub, _compat.BATCH_NORM_BASE):
             raise ValueError(
                 f"Layer {name!r} is {type(sub).__name__}: batch normalisation mixes the examples of a "
                 "batch, so per-example gradients and DP do not exist for it. Replace it with "
                 "nn.GroupNorm (e.g. opacus.validators.ModuleValidator.fix(model) does this)."
             )
-        if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
+        if isinstance(sub, _compat.INSTANCE_NORM_BASE) and sub.track_running_stats:
             raise ValueError(
                 f"Layer {name!r} is {type(sub).__name__}(track_running_stats=True), whose running statistics "
                 "mix examples. Use track_running_stats=False or nn.GroupNorm."

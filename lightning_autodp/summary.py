@@ -127,8 +127,24 @@ def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
             **common,
         )
     delta = default_delta(strategy.dataset_size)
-    steps = int(strategy.steps)
-    return FitSummary(steps=steps, epsilon=spent_epsilon(sigma, q, steps, delta), delta=delta, **common)
+    ledger = getattr(strategy, "ledger", None)
+    if ledger is None:
+        steps = int(strategy.steps)
+        return FitSummary(steps=steps, epsilon=spent_epsilon(sigma, q, steps, delta), delta=delta, **common)
+    # The ledger holds every (sigma, q) segment that ran, restored checkpoints included.
+    return FitSummary(steps=ledger.steps, epsilon=ledger_epsilon(ledger, delta), delta=delta, **common)
+
+
+def ledger_epsilon(ledger: Any, delta: float) -> float | None:
+    """Epsilon at ``delta`` of a :class:`~lightning_autodp.core.PrivacyLedger`; None where q is unknown."""
+    segments = ledger.segments
+    if not segments:
+        return 0.0
+    if any(q is None for _, q, _ in segments):
+        return None
+    if any(sigma == 0 for sigma, _, _ in segments):
+        return math.inf
+    return float(ledger.epsilon(delta, DEFAULT_ACCOUNTANT))
 
 
 def spent_epsilon(sigma: float, q: float | None, steps: int, delta: float) -> float | None:
@@ -173,7 +189,7 @@ def format_start_line(strategy: Any, planned_steps: float) -> str:
     return (
         f"dp_auto: sigma={sigma_text}, q={'unknown' if q is None else f'{q:.4g}'}, "
         f"N={strategy.dataset_size}, {planned}; engine={engine}, {clipping}, "
-        f"poisson_sampling={strategy.poisson_sampling}"
+        f"poisson_sampling={strategy.poisson_sampling}, secure_mode={getattr(strategy, 'secure_mode', False)}"
     )
 
 

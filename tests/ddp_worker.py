@@ -72,7 +72,12 @@ def main(mode: str, devices: int, outdir: str) -> None:
     if mode == "exact":
         # sigma = 0, no Poisson: one step per epoch over all 16 examples (8 per rank on 2 ranks)
         strategy = DPAutoStrategy(
-            engine=engine, noise_multiplier=0.0, poisson_sampling=False, clipping="abadi", max_grad_norm=0.5
+            engine=engine,
+            noise_multiplier=0.0,
+            poisson_sampling=False,
+            clipping="abadi",
+            max_grad_norm=0.5,
+            bucket_cap_mb=float(os.environ.get("DP_BUCKET_MB", 25)),
         )
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=3, callbacks=callbacks, **kwargs)

@@ -1,0 +1,47 @@
+"""Every private Lightning/torch access of lightning-autodp, in one place.
+
+Each function wraps one private attribute or function; ``tests/test_compat.py`` exercises each, so
+a Lightning or torch upgrade that moves one breaks a named test here instead of a training run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.pytorch.strategies.ddp import _sync_module_states
+from torch import nn
+
+#: torch's base classes of the batch-statistics norms (BatchNorm*d, SyncBatchNorm; InstanceNorm*d)
+BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+INSTANCE_NORM_BASE: type[nn.Module] = nn.modules.instancenorm._InstanceNorm
+
+
+def distributed_is_initialized() -> bool:
+    """True when torch.distributed is available and a default process group exists."""
+    return _distributed_is_initialized()
+
+
+def sync_module_states(module: nn.Module) -> None:
+    """Broadcast rank 0's parameters and buffers to every rank (what DDP's constructor does)."""
+    _sync_module_states(module)
+
+
+def fit_loop_restarting(trainer: pl.Trainer) -> bool:
+    """True while the fit loop resumes from a checkpoint."""
+    return bool(trainer.fit_loop.restarting)
+
+
+def batches_processed_in_epoch(trainer: pl.Trainer) -> int:
+    """Micro-batches of the current epoch Lightning has processed (restored on resume).
+
+    ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` has not counted
+    its batch as completed yet, but Lightning resumes after it.
+    """
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+def grad_scaler(precision_plugin: Any) -> Any:
+    """The precision plugin's ``torch.amp.GradScaler`` (``16-mixed``), else None."""
+    return getattr(precision_plugin, "scaler", None)

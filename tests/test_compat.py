@@ -1,0 +1,59 @@
+"""Each private Lightning/torch access in lightning_autodp._compat, exercised on its own."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from torch import nn
+
+from lightning_autodp import DPAutoStrategy, _compat
+from tests.models import Classifier, loader, make_case, quiet_trainer
+
+
+def test_distributed_is_initialized_and_sync_module_states(tmp_path):
+    assert _compat.distributed_is_initialized() is False
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert _compat.distributed_is_initialized() is True
+        module = nn.Linear(3, 2)
+        before = [p.detach().clone() for p in module.parameters()]
+        _compat.sync_module_states(module)  # one rank: broadcast from rank 0 leaves it unchanged
+        assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    finally:
+        dist.destroy_process_group()
+    assert _compat.distributed_is_initialized() is False
+
+
+class LoopProbe(Callback):
+    def __init__(self):
+        self.processed = []
+        self.restarting = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.processed.append(_compat.batches_processed_in_epoch(trainer))
+        self.restarting.append(_compat.fit_loop_restarting(trainer))
+
+
+def test_fit_loop_progress_accessors():
+    net, x, y = make_case("linear", n=16)
+    probe = LoopProbe()
+    quiet_trainer(strategy=DPAutoStrategy(), callbacks=[probe], max_epochs=1).fit(
+        Classifier(net), loader(x, y, batch_size=4)
+    )
+    assert probe.processed == [0, 1, 2, 3]  # micro-batches of the epoch processed before this one
+    assert probe.restarting == [False] * 4
+
+
+def test_grad_scaler_accessor():
+    scaler = torch.amp.GradScaler("cpu")
+    assert _compat.grad_scaler(MixedPrecision("16-mixed", "cpu", scaler=scaler)) is scaler
+    assert _compat.grad_scaler(Precision()) is None
+
+
+def test_norm_base_classes():
+    assert isinstance(nn.BatchNorm1d(3), _compat.BATCH_NORM_BASE)
+    assert isinstance(nn.SyncBatchNorm(3), _compat.BATCH_NORM_BASE)
+    assert isinstance(nn.InstanceNorm2d(3), _compat.INSTANCE_NORM_BASE)
+    assert not isinstance(nn.GroupNorm(1, 3), (_compat.BATCH_NORM_BASE, _compat.INSTANCE_NORM_BASE))
