@@ -606,10 +606,8 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
         gap = statistics.fmean(diffs)
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
         side = "ahead of" if gap > 0 else "behind"
-        within = "within" if abs(gap) <= 2 * se else "beyond"
-        parts.append(
-            f"{abs(gap):.4f} {side} Abadi {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)"
-        )
+        within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
+        parts.append(f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)")
     return f"Default AUTO-S is {parts[0]}; {parts[1]}. Paired over {by['auto_s g=0.01']['n']} seeds."
 
 
