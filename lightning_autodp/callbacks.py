@@ -263,10 +263,10 @@ class PrivacyBudget(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epsilon = self.epsilon
         self.history.append((trainer.current_epoch, self.steps, epsilon))
-        # Every rank holds the same epsilon; sync_dist averages identical values (and keeps Lightning
-        # from warning that epoch-level metrics should be synced under DDP).
+        # Not sync_dist=True: every rank holds the same epsilon, and the sync would run when a rank-0-only
+        # reader (progress bar) computes the metric, so the ranks would deadlock (tests/test_ddp.py).
         pl_module.log(
-            "epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True, sync_dist=True
+            "epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True
         )
 
     # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
