@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision, Precision
 from lightning.pytorch.plugins.precision.half import HalfPrecision
@@ -40,18 +41,6 @@ from lightning_autodp.verify import DEFAULT_EXAMPLES, check_verify_args, verify_
 AUTO = "auto"
 _DEFAULT_NOISE_MULTIPLIER = 1.0
 _RECURRENT_LAYERS = (nn.RNNBase,)
-#: DDPStrategy arguments that configure the strategy itself (not the DistributedDataParallel wrapper)
-_STRATEGY_ARGUMENTS = frozenset(
-    {
-        "accelerator",
-        "parallel_devices",
-        "cluster_environment",
-        "checkpoint_io",
-        "precision_plugin",
-        "process_group_backend",
-        "start_method",
-    }
-)
 _CHECKPOINT_KEY = "dp_auto"
 
 
@@ -105,10 +94,13 @@ class DPAutoStrategy(DDPStrategy):
             (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
-        \**kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
-            ``process_group_backend``, ``start_method``). Arguments of torch's
-            ``DistributedDataParallel`` wrapper or DDP communication hooks are refused: dp_auto does
-            not wrap the model in DDP (it all-reduces the clipped, noised sums itself).
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+            process_group_backend, timeout, start_method: as for
+            :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        \**kwargs: refused with a ``TypeError``: arguments of torch's ``DistributedDataParallel``
+            wrapper (``find_unused_parameters``, ``static_graph``, ...) and DDP communication hooks
+            would have no effect, since dp_auto does not wrap the model in DDP (it all-reduces the
+            clipped, noised sums itself).
 
     Attributes:
         noise_multiplier: :math:`\sigma` in use: a float once ``fit`` has started (after
@@ -167,11 +159,29 @@ class DPAutoStrategy(DDPStrategy):
         verify: bool = True,  # verify
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
+        # DDPStrategy's own arguments are explicit; everything else it would hand to
+        # DistributedDataParallel is refused (kwargs are deliberately not forwarded).
         _refuse_ddp_wrapper_arguments(kwargs)
-        super().__init__(timeout=timeout, **kwargs)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
         if noise_multiplier not in (None, AUTO):
             _check_noise_multiplier(noise_multiplier)
         validate_clipping(clipping, max_grad_norm, gamma)
@@ -706,7 +716,7 @@ def _check_noise_multiplier(sigma: object) -> None:
 
 def _refuse_ddp_wrapper_arguments(kwargs: dict[str, Any]) -> None:
     """dp_auto never builds DistributedDataParallel: its arguments would be silently dropped."""
-    refused = sorted(k for k in kwargs if k not in _STRATEGY_ARGUMENTS)
+    refused = sorted(kwargs)
     if refused:
         raise TypeError(
             f"DPAutoStrategy does not accept {', '.join(map(repr, refused))}: dp_auto does not wrap the "
