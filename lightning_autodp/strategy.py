@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 
+from lightning_autodp.checks import FirstStepChecks
 from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipping
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, make_engine
 from lightning_autodp.noise import NoiseSource
@@ -76,6 +77,8 @@ class DPAutoStrategy(DDPStrategy):
             (the default, as ``F.cross_entropy`` does), ``"sum"`` if it returns their sum.
         secure_mode: draw noise from the operating system's CSPRNG with Opacus's mitigation of
             floating-point attacks. Off by default (reproducible runs with ``seed_everything``).
+        run_checks: check the first optimizer step of every fit against silent privacy failures
+            (see :mod:`lightning_autodp.checks`); on by default, negligible cost.
         \**kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g.
             ``process_group_backend``, ``timeout``, ``start_method``).
 
@@ -106,6 +109,7 @@ class DPAutoStrategy(DDPStrategy):
         engine: Literal["auto", "bk", "ghost", "hooks"] = "auto",
         loss_reduction: Literal["mean", "sum"] = "mean",
         secure_mode: bool = False,
+        run_checks: bool = True,
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
     ) -> None:
@@ -144,6 +148,12 @@ class DPAutoStrategy(DDPStrategy):
         self._fitting = False
         self._poisson_loader: Any = None
         self._noise_state_to_load: dict | None = None
+        # --- audit/checks extension points (lightning_autodp.audit, lightning_autodp.checks) ---
+        self.run_checks = run_checks
+        self._checks: FirstStepChecks | None = None
+        #: set by lightning_autodp.audit.PrivacyAudit: virtual examples added to the clipped sum
+        self.canaries: Any = None
+        # --- end audit/checks ---
 
     # ------------------------------------------------------------------ registry and launch
 
@@ -230,6 +240,7 @@ class DPAutoStrategy(DDPStrategy):
             + f", poisson_sampling={self.poisson_sampling}"
         )
         self._noise = NoiseSource(seed=_base_seed(), secure_mode=self.secure_mode)
+        self._checks = FirstStepChecks(self) if self.run_checks else None  # audit/checks
         if self._noise_state_to_load is not None:
             self._noise.load_state_dict(self._noise_state_to_load)
             self._noise_state_to_load = None
@@ -440,13 +451,17 @@ class DPAutoStrategy(DDPStrategy):
                     "A per-example gradient norm is NaN or inf. dp_auto stops rather than take noise-only "
                     "steps: lower the learning rate or check the data."
                 )
-            factors = clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
+            factors = self.clip_factors(norms)
             engine.accumulate_weighted_sum(factors / scale, self._summed)
             self._examples_in_step += batch_size
         engine.reset()
         # The raw (unclipped) gradients autograd may have left must never reach the optimizer.
         for p in engine.params:
             p.grad = None
+
+    def clip_factors(self, norms: Tensor) -> Tensor:
+        """The configured clipping factors ``C_i`` for per-example norms (examples and audit canaries)."""
+        return clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
 
     # ------------------------------------------------------------------ the optimizer step
 
@@ -464,7 +479,10 @@ class DPAutoStrategy(DDPStrategy):
             self._privatize_gradients()
             return result
 
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        result = super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        if self._checks is not None:  # audit/checks
+            self._checks.after_step(optimizer)
+        return result
 
     def _privatize_gradients(self) -> None:
         r"""Set ``p.grad`` to :math:`(\sum_i C_i g_i + \sigma R z) / B` for every trainable ``p``.
@@ -484,6 +502,10 @@ class DPAutoStrategy(DDPStrategy):
                 "should have calibrated it in on_train_start."
             )
         params = engine.params
+        if self.canaries is not None:  # audit/checks: virtual examples through the same clipping
+            self.canaries.add_to_sum(self._summed, params, self.clip_factors, self.global_rank)
+        if self._checks is not None:  # audit/checks
+            self._checks.before_noise(self._summed, params)
         sums = [self._summed.pop(p, None) for p in params]
         sums = [
             s if s is not None else torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
@@ -503,6 +525,8 @@ class DPAutoStrategy(DDPStrategy):
             p.grad = (s / divisor).to(p.dtype)
         self._examples_in_step = 0
         self.steps += 1
+        if self._checks is not None:  # audit/checks
+            self._checks.after_privatize(params, divisor, examples)
 
     # ------------------------------------------------------------------ teardown
 
