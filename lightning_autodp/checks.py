@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,7 @@ def noise_scale_interval(n: int, false_alarm: float = FALSE_ALARM) -> tuple[floa
 
 
 def check_noise_scale(noise_sq_sum: float, n: int, expected_std: float) -> None:
-    """Raise :class:`PrivacyCheckError` unless ``noise_sq_sum`` fits ``n`` draws of ``N(0, expected_std^2)``."""
+    """Raise :class:`PrivacyCheckError` unless ``noise_sq_sum`` fits ``n`` draws of ``N(0, std^2)``."""
     measured = math.sqrt(noise_sq_sum / n)
     low, high = noise_scale_interval(n)
     ratio = measured / expected_std
@@ -95,8 +95,9 @@ def check_batch_size_plausible(examples: int, dataset_size: int, sample_rate: fl
         )
 
 
-def check_rates_agree(strategy_q: float, sampler_q: float | None, accounted: list[tuple[float, float]],
-                      sigma: float) -> None:
+def check_rates_agree(
+    strategy_q: float, sampler_q: float | None, accounted: list[tuple[float, float]], sigma: float
+) -> None:
     """Raise unless the sampler's rate, the strategy's ``q`` and every accounted ``(sigma, q)`` agree."""
     if sampler_q is not None and not math.isclose(sampler_q, strategy_q, rel_tol=1e-9):
         raise PrivacyCheckError(
@@ -105,7 +106,9 @@ def check_rates_agree(strategy_q: float, sampler_q: float | None, accounted: lis
             "replace it after setup)."
         )
     for acc_sigma, acc_q in accounted:
-        if not math.isclose(acc_q, strategy_q, rel_tol=1e-9) or not math.isclose(acc_sigma, sigma, rel_tol=1e-9):
+        if not math.isclose(acc_q, strategy_q, rel_tol=1e-9) or not math.isclose(
+            acc_sigma, sigma, rel_tol=1e-9
+        ):
             raise PrivacyCheckError(
                 f"dp_auto run-time check: the privacy accountant records (sigma={acc_sigma:.6g}, "
                 f"q={acc_q:.6g}) for this run, but the strategy trains with (sigma={sigma:.6g}, "
@@ -143,7 +146,7 @@ class FirstStepChecks:
         self._contributed = torch.tensor([float(p in summed) for p in params], device=params[0].device)
 
     def after_privatize(self, params: list[nn.Parameter], divisor: float, examples: float) -> None:
-        """Check the noise that entered and the sampling rate; snapshot the parameters for :meth:`after_step`."""
+        """Check the noise that entered and the sampling rate; fingerprint the parameters."""
         if self.done or self._clipped is None:
             return
         strategy = self.strategy
@@ -256,4 +259,3 @@ def _fingerprint(p: Tensor) -> tuple[float, float]:
     """Two float64 moments of a parameter: equal before and after a real update only by accident."""
     x = p.detach().to(torch.float64)
     return float(x.sum()), float(x.square().sum())
-

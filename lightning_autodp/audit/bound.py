@@ -154,7 +154,9 @@ def audit_scores(
     included = np.asarray(included, dtype=bool)
     m = len(scores)
     if m == 0 or included.shape != scores.shape:
-        raise ValueError(f"need one inclusion flag per score and m >= 1, got {included.shape} and {scores.shape}")
+        raise ValueError(
+            f"need one inclusion flag per score and m >= 1, got {included.shape} and {scores.shape}"
+        )
     order = np.argsort(-scores, kind="stable")
     in_sorted = included[order]
     choices = guess_choices(m, fractions)

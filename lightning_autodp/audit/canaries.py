@@ -52,7 +52,9 @@ class GradientCanaries:
         seed: seeds the choice of coordinates, signs, inclusion and per-step sampling.
     """
 
-    def __init__(self, m: int, params: list[nn.Parameter], sample_rate: float, norm: float, seed: int) -> None:
+    def __init__(
+        self, m: int, params: list[nn.Parameter], sample_rate: float, norm: float, seed: int
+    ) -> None:
         sizes = [p.numel() for p in params]
         total = sum(sizes)
         if not 1 <= m <= total:
@@ -97,7 +99,9 @@ class GradientCanaries:
         if rank != 0:
             return
         if [id(p) for p in params] != [id(p) for p in self.params]:
-            raise RuntimeError("PrivacyAudit: the strategy's trainable parameters changed since the audit started.")
+            raise RuntimeError(
+                "PrivacyAudit: the strategy's trainable parameters changed since the audit started."
+            )
         sampled = self.included & (torch.rand(self.m, generator=self._generator) < self.sample_rate)
         if not sampled.any():
             return
@@ -193,7 +197,8 @@ class PrivacyAudit(Callback):
 
         if not isinstance(trainer.strategy, DPAutoStrategy):
             raise TypeError(
-                f"PrivacyAudit audits dp_auto, but the Trainer's strategy is {type(trainer.strategy).__name__}. "
+                "PrivacyAudit audits dp_auto, but the Trainer's strategy is "
+                f"{type(trainer.strategy).__name__}. "
                 "Use L.Trainer(strategy='dp_auto', ...)."
             )
         if self.delta is None and _find_budget(trainer) is None:
@@ -219,7 +224,11 @@ class PrivacyAudit(Callback):
         seed = self.seed if self.seed is not None else secrets.randbits(63)
         seed = strategy.broadcast(seed)  # every rank must know the same canary coordinates
         self.canaries = GradientCanaries(
-            self.m, params, strategy.sample_rate, self.norm_multiple * strategy.max_grad_norm, _audit_seed(seed)
+            self.m,
+            params,
+            strategy.sample_rate,
+            self.norm_multiple * strategy.max_grad_norm,
+            _audit_seed(seed),
         )
         strategy.canaries = self.canaries
 
@@ -234,7 +243,9 @@ class PrivacyAudit(Callback):
         self.result = audit_scores(scores, self.canaries.included.numpy(), delta, self.confidence)
         self.accounted_epsilon = float(budget.epsilon) if budget is not None else None
         for logger in trainer.loggers:
-            logger.log_metrics({"audit_epsilon_lower_bound": self.result.epsilon_lower_bound}, trainer.global_step)
+            logger.log_metrics(
+                {"audit_epsilon_lower_bound": self.result.epsilon_lower_bound}, trainer.global_step
+            )
         rank_zero_info(self.result.summary(self.accounted_epsilon))
         if self.accounted_epsilon is not None and self.result.epsilon_lower_bound > self.accounted_epsilon:
             rank_zero_warn(
