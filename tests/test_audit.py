@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 
 import lightning as L
@@ -18,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_autodp.report as report_module
 from lightning_autodp import DPAutoStrategy, PrivacyBudget
 from lightning_autodp.accounting import Accountant
 from lightning_autodp.audit import (
@@ -27,8 +29,10 @@ from lightning_autodp.audit import (
     max_certifiable_epsilon,
     p_value,
 )
+from lightning_autodp.audit.__main__ import main
 from lightning_autodp.audit.bound import guess_choices
 from lightning_autodp.noise import NoiseSource
+from lightning_autodp.report import PrivacyReport
 from tests.models import Classifier, loader, quiet_trainer
 
 # ---------------------------------------------------------------------------- the bound
@@ -133,7 +137,11 @@ def _claimed_epsilon(accountant: str = "prv") -> float:
 
 
 def audited_run(
-    monkeypatch: pytest.MonkeyPatch | None = None, mutation: str | None = None, budget: bool = False
+    monkeypatch: pytest.MonkeyPatch | None = None,
+    mutation: str | None = None,
+    budget: bool = False,
+    extra_callbacks: tuple = (),
+    **trainer_kwargs,
 ) -> PrivacyAudit:
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
@@ -147,7 +155,9 @@ def audited_run(
     if mutation is not None:
         assert monkeypatch is not None
         apply_mutation(monkeypatch, mutation)
-    trainer = quiet_trainer(strategy=strategy, max_epochs=EPOCHS, callbacks=callbacks)
+    trainer = quiet_trainer(
+        strategy=strategy, max_epochs=EPOCHS, callbacks=[*callbacks, *extra_callbacks], **trainer_kwargs
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Classifier(net, lr=0.5), loader(x, y, BATCH))
@@ -178,13 +188,27 @@ def apply_mutation(monkeypatch: pytest.MonkeyPatch, mutation: str) -> None:
         raise KeyError(mutation)
 
 
-def test_correct_run_stays_below_the_accounted_epsilon():
-    audit = audited_run(budget=True)
+def test_correct_run_stays_below_the_accounted_epsilon(tmp_path, monkeypatch):
+    drawn = {}
+    draw = report_module.draw_privacy_report
+    monkeypatch.setattr(
+        report_module, "draw_privacy_report", lambda *a, **k: drawn.update(k) or draw(*a, **k)
+    )
+    report = PrivacyReport(metric="val_loss")
+    audit = audited_run(budget=True, extra_callbacks=(report,), default_root_dir=tmp_path)
     result = audit.result
     assert result is not None and result.m == 1000 and result.delta == 1e-5
     assert 0.0 <= result.epsilon_lower_bound < _claimed_epsilon() < audit.accounted_epsilon  # PRV < RDP
     # the audit has the power to catch the breakages below: its ceiling is far above the claim
     assert result.max_certifiable > 2 * audit.accounted_epsilon
+    # shown beside the accounted epsilon in the privacy report
+    assert drawn["audit_lower_bound"] == result.epsilon_lower_bound and report.path.exists()
+
+
+def test_cli_audits_digits(capsys):
+    main(["--epochs", "2", "--m", "200", "--target-epsilon", "4"])
+    out = capsys.readouterr().out
+    assert re.search(r"accounted epsilon \d\.\d+ \(delta=1e-05\), test accuracy 0\.\d+", out)
 
 
 @pytest.mark.parametrize(

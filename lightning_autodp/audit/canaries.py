@@ -272,6 +272,14 @@ class PrivacyAudit(Callback):
             self.accounted_epsilon = state_dict.get("accounted_epsilon")
 
 
+def audit_lower_bound(trainer: pl.Trainer) -> float | None:
+    """The epsilon lower bound of a :class:`PrivacyAudit` attached to ``trainer`` that has finished."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, PrivacyAudit) and cb.result is not None:
+            return cb.result.epsilon_lower_bound
+    return None
+
+
 def _find_budget(trainer: pl.Trainer) -> Any | None:
     for cb in trainer.callbacks:
         if getattr(cb, "calibrates_noise_multiplier", False) and hasattr(cb, "epsilon"):
