@@ -23,6 +23,7 @@ import lightning_autodp.report as report_module
 from lightning_autodp import DPAutoStrategy, PrivacyBudget
 from lightning_autodp.accounting import Accountant
 from lightning_autodp.audit import (
+    GradientCanaries,
     PrivacyAudit,
     audit_scores,
     epsilon_lower_bound,
@@ -31,9 +32,11 @@ from lightning_autodp.audit import (
 )
 from lightning_autodp.audit.__main__ import main
 from lightning_autodp.audit.bound import guess_choices
+from lightning_autodp.clipping import clip_factors
 from lightning_autodp.noise import NoiseSource
 from lightning_autodp.report import PrivacyReport
 from tests.models import Classifier, loader, quiet_trainer
+from tests.reference import reference_factors
 
 # ---------------------------------------------------------------------------- the bound
 
@@ -217,6 +220,32 @@ def test_cli_audits_digits(capsys):
 def test_broken_mechanism_is_caught(monkeypatch, mutation):
     audit = audited_run(monkeypatch, mutation)
     assert audit.result.epsilon_lower_bound > _claimed_epsilon()
+
+
+def test_canaries_are_poisson_sampled_and_clipped():
+    """Against an independent reference: only included canaries, each sampled with probability q per
+    step, each adding its clipped Dirac gradient C_j * N * sign_j on its own coordinate."""
+    params = [nn.Parameter(torch.zeros(30, 20)), nn.Parameter(torch.zeros(50))]
+    q, norm, steps = 0.3, 100.0, 200
+    canaries = GradientCanaries(400, params, sample_rate=q, norm=norm, seed=3)
+    summed: dict = {}
+    for _ in range(steps):
+        canaries.add_to_sum(summed, params, lambda n: clip_factors(n, "auto_s", 1.0, 0.01), rank=0)
+    canaries.add_to_sum(summed, params, lambda n: 1 / 0, rank=1)  # other ranks add nothing
+    flat = torch.cat([summed[p].reshape(-1) for p in params]).double()
+    starts = [0, params[0].numel()]
+    owners = zip(canaries.param_index.tolist(), canaries.offset.tolist())
+    coord = torch.tensor([starts[i] + o for i, o in owners])
+    assert len(set(coord.tolist())) == 400  # one coordinate each
+    counts = canaries.sampled_count
+    assert (counts[~canaries.included] == 0).all()
+    n_in = int(canaries.included.sum())
+    mean, sd = q * steps * n_in, math.sqrt(q * (1 - q) * steps * n_in)
+    assert abs(int(counts.sum()) - mean) < 5 * sd
+    factor = reference_factors(torch.tensor([norm]), "auto_s", 1.0, 0.01)[0]
+    want = torch.zeros_like(flat)
+    want[coord] = factor * norm * canaries.sign * counts.double()
+    torch.testing.assert_close(flat, want, rtol=1e-6, atol=1e-9)
 
 
 def test_audit_needs_a_delta_and_dp_auto():

@@ -55,6 +55,12 @@ def test_correct_run_passes_all_checks():
     assert strategy._checks is not None and strategy._checks.done
 
 
+def test_small_noise_beside_large_clipped_sums_passes():
+    """The noise is measured net of the clipped sum (here much larger than the noise)."""
+    strategy = _fit(Classifier(_net()), DPAutoStrategy(noise_multiplier=0.01), batch_size=64)
+    assert strategy._checks is not None and strategy._checks.done
+
+
 # ---------------------------------------------------------------------------- 1. every trainable parameter
 
 
