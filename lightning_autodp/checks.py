@@ -152,18 +152,21 @@ class FirstStepChecks:
         strategy = self.strategy
         clipped, contributed = self._reduce(self._clipped, self._contributed)
         sigma = float(strategy.noise_multiplier)  # type: ignore[arg-type]
+        scaler = getattr(strategy.precision_plugin, "scaler", None)
         if sigma > 0:
             sq_sum, n = 0.0, 0
             for p, s in zip(params, clipped):
                 noise = p.grad.detach().to(torch.float64) * divisor - s.to(torch.float64)
                 sq_sum += float(noise.square().sum())
                 n += noise.numel()
+            if scaler is not None and not math.isfinite(sq_sum):
+                self._clipped = None  # inf/NaN: the GradScaler skips this step; check the next one
+                return
             check_noise_scale(sq_sum, n, sigma * strategy.max_grad_norm)
         else:
             self._warn_no_contribution(params, contributed)
         self._check_sampling(int(round(examples)))
         self._before = {p: _fingerprint(p) for p in params}
-        scaler = getattr(strategy.precision_plugin, "scaler", None)
         self._scale_before = float(scaler.get_scale()) if scaler is not None else None
         self._clipped = None
 
