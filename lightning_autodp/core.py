@@ -226,7 +226,7 @@ class DPStep:
         reduce: Callable[[Tensor], None] | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
         grad_scale: float = 1.0,
-    ) -> None:
+    ) -> tuple[float, float]:
         r"""Set ``p.grad`` to :math:`\big(\sum_{ranks} \sum_i C_i g_i + \sigma R z\big) / B` for every ``p``.
 
         1. ``noise`` given (rank 0 only under data parallelism): add :math:`\sigma R z` to the
@@ -235,6 +235,9 @@ class DPStep:
         3. divide by :math:`B` = ``divisor`` (``qN`` under Poisson sampling) or, when None, by the
            number of examples in the step; under a GradScaler multiply back by ``grad_scale`` so that
            its ``unscale_`` and inf check act on ordinary-looking gradients.
+
+        Returns ``(b, examples)``: the divisor applied (``B / grad_scale``) and the number of
+        examples in the step over all ranks, for checks that rebuild the noise from ``p.grad``.
         """
         if not (isinstance(sigma, float) and math.isfinite(sigma) and sigma >= 0):
             raise RuntimeError(f"dp_auto needs a noise_multiplier >= 0 at every step, got {sigma!r}.")
@@ -257,6 +260,7 @@ class DPStep:
         for p, s in zip(self.params, sums):
             p.grad = s.div_(b).to(p.dtype)
         self.examples = 0
+        return b, examples
 
     def clear(self) -> None:
         """Drop a partial sum (an interrupted step)."""

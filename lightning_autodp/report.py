@@ -39,6 +39,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_autodp.audit.canaries import audit_lower_bound
+
 __all__ = [
     "PrivacyReport",
     "draw_privacy_report",
@@ -105,6 +107,7 @@ def draw_privacy_report(
     target_epsilon: float | None = None,
     delta: float | None = None,
     title: str | None = None,
+    audit_lower_bound: float | None = None,
 ) -> Path:
     """Draw epsilon against epoch, the metric against epoch, and the metric against epsilon into a PNG.
 
@@ -116,6 +119,8 @@ def draw_privacy_report(
         metric_name: label of the metric panel.
         target_epsilon: drawn as a dashed horizontal line when given.
         delta: shown in the epsilon panel's title when given.
+        audit_lower_bound: a :class:`~lightning_autodp.audit.PrivacyAudit`'s empirical lower bound,
+            drawn as a dotted line beside the accounted epsilon when given.
 
     Returns:
         The path written.
@@ -147,6 +152,9 @@ def draw_privacy_report(
     ax.plot(xs, ys, marker="o", color="tab:red", label="epsilon spent")
     if target_epsilon is not None and math.isfinite(target_epsilon):
         ax.axhline(target_epsilon, linestyle="--", color="grey", label=f"target {target_epsilon:g}")
+    if audit_lower_bound is not None:  # audit
+        label = f"audit lower bound {audit_lower_bound:.2f}"
+        ax.axhline(audit_lower_bound, linestyle=":", color="black", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _pad_single_x(ax, xs)
     ax.set_xlabel("epoch")
@@ -392,6 +400,7 @@ class PrivacyReport(Callback):
             metric_name=self.metric,
             target_epsilon=getattr(budget, "target_epsilon", None),
             delta=getattr(budget, "delta", None),
+            audit_lower_bound=audit_lower_bound(trainer),  # audit: a PrivacyAudit's bound, if one ran
         )
 
     @override

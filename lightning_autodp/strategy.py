@@ -30,7 +30,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_autodp import _compat, summary
-from lightning_autodp.clipping import ClippingMode, validate_clipping
+from lightning_autodp.checks import FirstStepChecks
+from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipping
 from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
@@ -94,6 +95,8 @@ class DPAutoStrategy(DDPStrategy):
             (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
+        run_checks: check the first optimizer step of every fit against silent privacy failures
+            (see :mod:`lightning_autodp.checks`); on by default, negligible cost.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as for
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -159,6 +162,7 @@ class DPAutoStrategy(DDPStrategy):
         verify: bool = True,  # verify
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
+        run_checks: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -222,6 +226,12 @@ class DPAutoStrategy(DDPStrategy):
         self._fitting = False
         self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
         self._poisson_loader: Any = None
+        # --- audit/checks extension points (lightning_autodp.audit, lightning_autodp.checks) ---
+        self.run_checks = run_checks
+        self._checks: FirstStepChecks | None = None
+        #: set by lightning_autodp.audit.PrivacyAudit: virtual examples added to the clipped sum
+        self.canaries: Any = None
+        # --- end audit/checks ---
 
     # ------------------------------------------------------------------ registry and launch
 
@@ -349,6 +359,7 @@ class DPAutoStrategy(DDPStrategy):
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         self._dp_step = DPStep(self._engine.params, self.clipping, self.max_grad_norm, self.gamma)
         self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
+        self._checks = FirstStepChecks(self) if self.run_checks else None  # audit/checks
         return model
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
@@ -624,6 +635,10 @@ class DPAutoStrategy(DDPStrategy):
             scale *= float(_compat.grad_scaler(self.precision_plugin).get_scale())
         return scale
 
+    def clip_factors(self, norms: Tensor) -> Tensor:
+        """The configured clipping factors ``C_i`` for per-example norms (examples and audit canaries)."""
+        return clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
+
     # ------------------------------------------------------------------ the optimizer step
 
     @override
@@ -641,7 +656,10 @@ class DPAutoStrategy(DDPStrategy):
             self._privatize_gradients()
             return result
 
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        result = super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        if self._checks is not None:  # audit/checks
+            self._checks.after_step(optimizer)
+        return result
 
     def _privatize_gradients(self) -> None:
         r"""Set ``p.grad`` to :math:`(\sum_i C_i g_i + \sigma R z) / B` (see :meth:`DPStep.privatize`).
@@ -656,10 +674,15 @@ class DPAutoStrategy(DDPStrategy):
                 "dp_auto has no noise_multiplier at the first optimizer step; the PrivacyBudget callback "
                 "should have calibrated it in on_train_start."
             )
+        params = dp_step.params
+        if self.canaries is not None:  # audit/checks: virtual examples through the same clipping
+            self.canaries.add_to_sum(dp_step.summed, params, self.clip_factors, self.global_rank)
+        if self._checks is not None:  # audit/checks
+            self._checks.before_noise(dp_step.summed, params)
         noise.start_step(self.ledger.steps)
         distributed = self.world_size > 1 and _compat.distributed_is_initialized()
         scaler = _compat.grad_scaler(self.precision_plugin)
-        dp_step.privatize(
+        divisor, examples = dp_step.privatize(
             sigma=sigma,
             q=self._sample_rate,
             noise=noise if self.global_rank == 0 else None,
@@ -669,6 +692,8 @@ class DPAutoStrategy(DDPStrategy):
             bucket_mb=self.bucket_cap_mb,
             grad_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
         )
+        if self._checks is not None:  # audit/checks
+            self._checks.after_privatize(params, divisor, examples)
 
     # ------------------------------------------------------------------ teardown
 
