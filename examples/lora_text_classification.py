@@ -12,7 +12,12 @@ handles with the one-backward book-keeping engine (the frozen encoder needs no p
 Before the first update, ``dp_auto`` checks the engine against a per-example loop on four examples
 (``DPAutoStrategy(verify=True)``, the default), with LoRA's dropout in eval mode for that check.
 
-Run (both runs, a few minutes on 2 CPU cores)::
+Measured once (seed 0, defaults: expected batch 256, 3 epochs = 21 steps, Adam, AUTO-S): val acc
+0.955 non-private, 0.915 with dp_auto at epsilon 2.99 (delta 1e-5, sigma 1.345, engine bk). That
+run took 50 minutes of wall time on a 2-core CPU shared with several other jobs; expect much less
+on a quiet machine.
+
+Run::
 
     python examples/lora_text_classification.py
     python examples/lora_text_classification.py --private-only --target-epsilon 8
