@@ -11,10 +11,13 @@ Importing the package registers ``strategy="dp_auto"`` with Lightning::
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_autodp.accounting import Accountant
+from lightning_autodp.audit import PrivacyAudit
 from lightning_autodp.callbacks import PrivacyBudget
+from lightning_autodp.checks import PrivacyCheckError
 from lightning_autodp.clipping import clip_factors
 from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch
 from lightning_autodp.strategy import DPAutoStrategy
+from lightning_autodp.verify import EngineVerificationError
 
 __version__ = "0.1.0.dev0"
 
@@ -26,6 +29,9 @@ __all__ = [
     "DPAutoStrategy",
     "DistributedPoissonBatchSampler",
     "EmptyBatch",
+    "EngineVerificationError",
+    "PrivacyAudit",
     "PrivacyBudget",
+    "PrivacyCheckError",
     "clip_factors",
 ]

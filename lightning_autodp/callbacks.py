@@ -136,14 +136,9 @@ class PrivacyBudget(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_autodp.strategy import DPAutoStrategy
+        from lightning_autodp.strategy import require_dp_auto
 
-        if not isinstance(trainer.strategy, DPAutoStrategy):
-            raise TypeError(
-                f"PrivacyBudget accounts the privacy of dp_auto, but the Trainer's strategy is "
-                f"{type(trainer.strategy).__name__}. Use L.Trainer(strategy='dp_auto', ...) or "
-                "strategy=lightning_autodp.DPAutoStrategy(...)."
-            )
+        require_dp_auto(trainer, "PrivacyBudget accounts the privacy of")
         self._ledger = trainer.strategy.ledger
 
     @override

@@ -710,6 +710,19 @@ class DPAutoStrategy(DDPStrategy):
         super().teardown()
 
 
+def require_dp_auto(trainer: pl.Trainer, what: str) -> DPAutoStrategy:
+    """The Trainer's :class:`DPAutoStrategy`, or a ``TypeError`` naming the fix.
+
+    ``what`` completes "``what`` needs dp_auto", e.g. ``"PrivacyBudget accounts the privacy of"``.
+    """
+    if not isinstance(trainer.strategy, DPAutoStrategy):
+        raise TypeError(
+            f"{what} dp_auto, but the Trainer's strategy is {type(trainer.strategy).__name__}. Use "
+            "L.Trainer(strategy='dp_auto', ...) or strategy=lightning_autodp.DPAutoStrategy(...)."
+        )
+    return trainer.strategy
+
+
 @functools.cache
 def _destroy_process_group_at_exit() -> None:
     """Destroy the process group before the interpreter finalizes (registered once).

@@ -193,14 +193,9 @@ class PrivacyAudit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_autodp.strategy import DPAutoStrategy
+        from lightning_autodp.strategy import require_dp_auto
 
-        if not isinstance(trainer.strategy, DPAutoStrategy):
-            raise TypeError(
-                "PrivacyAudit audits dp_auto, but the Trainer's strategy is "
-                f"{type(trainer.strategy).__name__}. "
-                "Use L.Trainer(strategy='dp_auto', ...)."
-            )
+        require_dp_auto(trainer, "PrivacyAudit audits")
         if self.delta is None and _find_budget(trainer) is None:
             raise ValueError(
                 "PrivacyAudit needs a delta: pass PrivacyAudit(delta=...) or add "
