@@ -36,7 +36,12 @@ from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
 from lightning_autodp.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
-from lightning_autodp.verify import DEFAULT_EXAMPLES, check_verify_args, verify_engine
+from lightning_autodp.verify import (
+    DEFAULT_EXAMPLES,
+    EngineVerificationError,
+    check_verify_args,
+    verify_engine,
+)
 
 #: ``noise_multiplier`` default: calibrated by a PrivacyBudget callback if there is one, else 1.0.
 AUTO = "auto"
@@ -568,15 +573,36 @@ class DPAutoStrategy(DDPStrategy):
         if self._verify_pending:
             self._verify_pending = False
             with self.precision_plugin.train_step_context():
-                verify_engine(
-                    self.lightning_module, self._engine, args, kwargs,
-                    loss_reduction=self.loss_reduction, examples=self.verify_examples,
-                )  # fmt: skip
+                self._verify_on_every_rank(args, kwargs)
         # -- end verify
         self._capture = contextlib.ExitStack()
         self._engine.expect_batch_size(infer_batch_size(batch))  # engines: ids shared by the batch
         self._capture.enter_context(self._engine.capturing())
         return super().training_step(*args, **kwargs)
+
+    def _verify_on_every_rank(self, args: tuple, kwargs: dict) -> None:
+        """Run :func:`verify_engine` on this rank's batch; under data parallelism every rank stops if
+        any rank's verification failed (a rank that raised alone would leave the others waiting in
+        the first all-reduce of the clipped sums until the process group times out)."""
+        assert self._engine is not None
+        failure: Exception | None = None
+        try:
+            verify_engine(
+                self.lightning_module, self._engine, args, kwargs,
+                loss_reduction=self.loss_reduction, examples=self.verify_examples,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks too
+            failure = err
+        if self.world_size > 1 and _compat.distributed_is_initialized():
+            failed = torch.tensor([float(failure is not None)], device=self.root_device)
+            _all_reduce_sum(failed)
+            if failure is None and failed.item() > 0:
+                raise EngineVerificationError(
+                    f"dp_auto's verification before the first update failed on {int(failed.item())} other "
+                    "rank(s) (their error names the parameters); no rank trains."
+                )
+        if failure is not None:
+            raise failure
 
     @override
     def backward(

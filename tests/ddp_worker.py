@@ -46,6 +46,14 @@ class Model(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
+class BreakEngineOnRank1(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            engine = trainer.strategy._engine
+            norms = engine.per_sample_squared_norms
+            engine.per_sample_squared_norms = lambda: 4.0 * norms()
+
+
 def data(n: int) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     return TensorDataset(
@@ -102,6 +110,12 @@ def main(mode: str, devices: int, outdir: str) -> None:
         strategy = DPAutoStrategy(engine=engine, noise_multiplier=2.0)
         loader = DataLoader(data(64), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=1000, callbacks=[recorder, budget], **kwargs)
+    elif mode == "verify_fails_on_rank1":
+        # Rank 1's engine reports norms twice too large: only its verification can fail.
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=1.0)
+        loader = DataLoader(data(64), batch_size=16 // devices)
+        callbacks.append(BreakEngineOnRank1())
+        trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
     else:
         raise KeyError(mode)
     trainer.fit(model, loader)

@@ -92,6 +92,23 @@ def test_empty_batches_on_a_rank_do_not_hang(tmp_path):
     assert rank0["params"] == rank1["params"]
 
 
+def test_a_verification_failure_on_one_rank_stops_every_rank(tmp_path):
+    # Without the shared verdict rank 0 learns of rank 1's failure only as a crashed peer in its
+    # first all-reduce (gloo), or not until the process group times out (NCCL); with it, rank 0
+    # raises EngineVerificationError itself, naming the other rank.
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "verify_fails_on_rank1", "2", str(tmp_path)],
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "[rank1]: lightning_autodp.verify.EngineVerificationError: dp_auto refuses to train" in output
+    assert "[rank0]: lightning_autodp.verify.EngineVerificationError" in output, output[-3000:]
+    assert "failed on 1 other rank(s)" in output
+
+
 def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     rank0, rank1 = run("budget", 2, tmp_path)
     assert rank0["steps"] == rank1["steps"] == rank0["global_step"] > 0
