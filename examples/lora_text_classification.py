@@ -47,6 +47,7 @@ from lightning_autodp import PrivacyBudget  # noqa: E402
 from lightning_autodp.report import PrivacyReport  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from example_utils import HelpFormatter  # noqa: E402
 from text_classification import TOPICS, BBCNewsDataModule, minilm_path, print_results  # noqa: E402
 
 SMOKE = [
@@ -164,7 +165,7 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a seconds-long run: " + " ".join(SMOKE))
     p.add_argument("--max-epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")

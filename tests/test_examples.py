@@ -120,9 +120,9 @@ def test_digits_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert f"{results['dp']['test_acc']:.4f}" in out and f"{results['non_private']['test_acc']:.4f}" in out
 
 
-@pytest.mark.parametrize("name", ["digits", "char_lm", "text_classification"])
+@pytest.mark.parametrize("name", ["digits", "char_lm", "text_classification", "lora_text_classification"])
 def test_help_shows_defaults_and_smoke(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    if name == "text_classification":
+    if name in ("text_classification", "lora_text_classification"):
         pytest.importorskip("transformers", reason="the text example needs transformers (extra 'examples')")
     ex = _load(name)
     with pytest.raises(SystemExit) as exit_info:
