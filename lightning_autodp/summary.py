@@ -26,8 +26,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_autodp.accounting import Accountant
-
 #: delta used for the end-of-fit epsilon when no PrivacyBudget sets one (see :func:`default_delta`)
 DEFAULT_DELTA = 1e-5
 #: accountant used for the end-of-fit epsilon when no PrivacyBudget sets one
@@ -127,11 +125,8 @@ def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
             **common,
         )
     delta = default_delta(strategy.dataset_size)
-    ledger = getattr(strategy, "ledger", None)
-    if ledger is None:
-        steps = int(strategy.steps)
-        return FitSummary(steps=steps, epsilon=spent_epsilon(sigma, q, steps, delta), delta=delta, **common)
     # The ledger holds every (sigma, q) segment that ran, restored checkpoints included.
+    ledger = strategy.ledger
     return FitSummary(steps=ledger.steps, epsilon=ledger_epsilon(ledger, delta), delta=delta, **common)
 
 
@@ -145,21 +140,6 @@ def ledger_epsilon(ledger: Any, delta: float) -> float | None:
     if any(sigma == 0 for sigma, _, _ in segments):
         return math.inf
     return float(ledger.epsilon(delta, DEFAULT_ACCOUNTANT))
-
-
-def spent_epsilon(sigma: float, q: float | None, steps: int, delta: float) -> float | None:
-    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps ``(sigma, q)`` at ``delta`` (PRV accountant)."""
-    if q is None or math.isnan(sigma):
-        return None
-    if steps == 0:
-        return 0.0
-    if sigma == 0:
-        return math.inf
-    accountant = Accountant(DEFAULT_ACCOUNTANT, delta)
-    try:
-        return accountant.epsilon([(sigma, q, steps)])
-    finally:
-        accountant.close()
 
 
 def _sample_rate_or_none(strategy: Any) -> float | None:

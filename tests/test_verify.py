@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import warnings
 from collections import namedtuple
-from collections.abc import Iterator
 
 import lightning as L
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from models import Classifier, loader, make_case, quiet_trainer
 from reference import per_example_gradients
+from test_examples import _one_thread  # noqa: F401 - the autouse one-thread fixture applies here too
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -28,14 +28,6 @@ from lightning_autodp.engines.hooks import HooksEngine, _InPlaceGradSampleModule
 from lightning_autodp.verify import EngineVerificationError, VerificationResult, slice_batch, verify_engine
 
 EXACT_ENGINES = ["bk", "ghost", "hooks"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
