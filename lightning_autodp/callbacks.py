@@ -258,11 +258,25 @@ class PrivacyBudget(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epsilon = self.epsilon
         self.history.append((trainer.current_epoch, self.steps, epsilon))
-        # Not sync_dist=True: every rank holds the same epsilon, and the sync would run when a rank-0-only
-        # reader (progress bar) computes the metric, so the ranks would deadlock (tests/test_ddp.py).
+        # Every rank holds the same epsilon (the same ledger), so the reduction changes nothing; it is
+        # there because Lightning warns about an epoch-level metric logged without sync_dist under DDP.
+        # reduce_fx="max": the value itself, whatever the ranks' batch sizes.
         pl_module.log(
-            "epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True
+            "epsilon",
+            epsilon,
+            prog_bar=True,
+            logger=bool(trainer.loggers),
+            on_epoch=True,
+            sync_dist=True,
+            reduce_fx="max",
         )
+        if trainer.world_size > 1:
+            # The sync is a collective that runs where the metric is first read. The progress bar reads
+            # it right after this hook on rank 0 only, the other ranks later (checkpointing, epoch-end
+            # logging): a collective in between (self.all_gather in LightningModule.on_train_epoch_end)
+            # would meet the wrong peer and hang. Reading the metrics here syncs them on every rank at
+            # the same point; later readers get Lightning's cached value (tests/test_ddp.py).
+            _ = trainer.callback_metrics
 
     # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
     # lightning_autodp.summary, which reads this callback's epsilon, delta and stopped_by_budget.

@@ -6,9 +6,11 @@ Used by test_ddp.py through a subprocess: Lightning's launcher re-runs this scri
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
+import warnings
 
 import lightning as L
 import torch
@@ -44,6 +46,13 @@ class Model(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class GatherAtEpochEnd(Model):
+    """Runs a collective in on_train_epoch_end, between the progress bar's read and the other ranks'."""
+
+    def on_train_epoch_end(self):
+        self.all_gather(torch.arange(3.0))
 
 
 class BreakEngineOnRank1(L.Callback):
@@ -116,9 +125,27 @@ def main(mode: str, devices: int, outdir: str) -> None:
         loader = DataLoader(data(64), batch_size=16 // devices)
         callbacks.append(BreakEngineOnRank1())
         trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
+    elif mode == "epsilon_log":
+        # PrivacyBudget's epsilon log under the conditions that hung a plain sync_dist=True: the progress
+        # bar (rank 0 only) reads the metric first, the LightningModule's on_train_epoch_end runs a
+        # collective, the budget stops training mid-epoch (17 steps, 4 per epoch). A hang exits here
+        # with every rank's stack instead of at test_ddp's subprocess timeout.
+        from lightning.pytorch.loggers import CSVLogger
+
+        from lightning_autodp import PrivacyBudget
+
+        faulthandler.dump_traceback_later(120, exit=True)
+        model = GatherAtEpochEnd()
+        budget = PrivacyBudget(target_epsilon=2.0, delta=1e-3, accountant="rdp")
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=2.0)
+        loader = DataLoader(data(64), batch_size=16 // devices)
+        kwargs.update(enable_progress_bar=True, logger=CSVLogger(outdir, name="csv", version=0))
+        trainer = L.Trainer(strategy=strategy, max_epochs=100, callbacks=[recorder, budget], **kwargs)
     else:
         raise KeyError(mode)
-    trainer.fit(model, loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader)
     out = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -129,8 +156,10 @@ def main(mode: str, devices: int, outdir: str) -> None:
         "grads": recorder.grads,
         "global_step": trainer.global_step,
     }
-    if mode == "budget":
+    if mode in ("budget", "epsilon_log"):
         out["epsilon"] = budget.epsilon
+        out["history"] = budget.history
+    out["sync_dist_warnings"] = [str(w.message) for w in caught if "sync_dist" in str(w.message)]
     with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)
 

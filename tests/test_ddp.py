@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -118,6 +119,23 @@ def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     # ddp_worker's PrivacyBudget: target 2.0 at delta 1e-3 (rdp), sigma 2.0 (17 steps)
     assert opacus_epsilon("rdp", [(2.0, q, rank0["steps"])], delta=1e-3) == pytest.approx(rank0["epsilon"])
     assert rank0["epsilon"] <= 2.0 < opacus_epsilon("rdp", [(2.0, q, rank0["steps"] + 1)], delta=1e-3)
+
+
+def test_epsilon_is_logged_without_the_sync_dist_warning_or_a_hang(tmp_path):
+    # Without sync_dist, Lightning warns on rank 0 that the epoch-level epsilon is not reduced. With a
+    # plain sync_dist=True the reduction ran where the progress bar read the metric (rank 0 only) and,
+    # on rank 1, at its next read after the LightningModule's all_gather: the collectives crossed and
+    # the ranks hung.
+    rank0, rank1 = run("epsilon_log", 2, tmp_path)
+    assert rank0["sync_dist_warnings"] == rank1["sync_dist_warnings"] == []
+    assert rank0["history"] == rank1["history"]
+    q = rank0["sample_rate"]
+    steps = [s for _, s, _ in rank0["history"]]
+    assert steps == [4, 8, 12, 16, 17]  # 4 steps an epoch; the budget stops after step 17 (budget test)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [float(row["epsilon"]) for row in csv.DictReader(f) if row["epsilon"]]
+    expected = [opacus_epsilon("rdp", [(2.0, q, s)], delta=1e-3) for s in steps]
+    assert logged == pytest.approx(expected, rel=1e-6)  # the CSV holds float32
 
 
 @pytest.mark.parametrize("engine", ["bk", "ghost", "hooks"])
