@@ -53,6 +53,16 @@ _CHECKPOINT_KEY = "dp_auto"
 class DPAutoStrategy(DDPStrategy):
     r"""Differentially private training with automatic clipping, on one process or many.
 
+    At a glance (details under Args and Attributes):
+
+    * DP arguments: ``noise_multiplier`` (:math:`\sigma`; ``"auto"``: calibrated by a
+      :class:`~lightning_autodp.PrivacyBudget`, else 1.0), ``max_grad_norm`` (:math:`R`),
+      ``clipping`` (``"auto_s"``, ``"auto_v"``, ``"abadi"``), ``gamma``, ``poisson_sampling``,
+      ``engine``, ``seed``, ``secure_mode``.
+    * What a fit spent: ``noise_multiplier``, ``steps``, ``dataset_size`` (:math:`N`),
+      ``sample_rate`` (:math:`q`), ``expected_batch_size`` and ``ledger`` (the ``(sigma, q)`` of
+      every step); epsilon is ``PrivacyBudget.epsilon``, or the line printed at the end of fit.
+
     The strategy takes over what happens between the loss and ``optimizer.step()``. For every
     optimizer step with logical batch :math:`S` (all micro-batches of ``accumulate_grad_batches``
     on all ranks), the gradient handed to the optimizer is
@@ -149,6 +159,10 @@ class DPAutoStrategy(DDPStrategy):
 
     The privacy ledger :attr:`ledger` records the ``(sigma, q)`` of every step taken and is saved
     and restored with checkpoints.
+
+    The methods below are the Lightning strategy hooks the Trainer calls; those inherited from
+    :class:`~lightning.pytorch.strategies.DDPStrategy` (``barrier``, ``broadcast``, ``reduce``,
+    ``all_gather``, ...) work as they do there.
     """
 
     strategy_name = "dp_auto"
