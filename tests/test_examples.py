@@ -163,6 +163,36 @@ def test_cli_config_runs(tmp_path: Path, strategy: str) -> None:
     assert "epsilon" in (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
 
 
+def test_cli_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (extra 'examples')")
+    from lightning_autodp import PrivacyBudget
+
+    cli = _load("cli")
+    # --smoke anywhere after the subcommand; it overrides the config's and the command line's epochs.
+    args = ["fit", "--smoke", "--config", str(EXAMPLES / "configs" / "digits.yaml")]
+    args += ["--trainer.max_epochs", "7", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    trainer = cli.cli_main(args).trainer
+    assert trainer.max_epochs == 1
+    assert trainer.strategy.steps == 20  # one epoch: ceil(1257 / 64) Poisson steps, as digits.py --smoke
+    (budget,) = [cb for cb in trainer.callbacks if isinstance(cb, PrivacyBudget)]
+    _assert_dp_result({"epsilon": budget.epsilon}, target=3.0)  # calibrated for the one epoch
+    _assert_png(Path(trainer.log_dir) / "privacy_report.png")
+    assert "max_epochs: 1" in (Path(trainer.log_dir) / "config.yaml").read_text()  # what actually ran
+    out = capsys.readouterr().out
+    # one line per epoch as in the other examples, no progress bar (and its "v_num: 0.000")
+    assert "dp_auto epoch 1/1, step 20: val_acc " in out and f"epsilon {budget.epsilon:.4g}" in out
+    assert "v_num" not in out
+
+
+def test_cli_help_shows_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (extra 'examples')")
+    cli = _load("cli")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.cli_main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    assert "--smoke" in capsys.readouterr().out
+
+
 def test_cli_nonprivate_config_parses(tmp_path: Path) -> None:
     pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (extra 'examples')")
     from lightning_autodp import DPAutoStrategy
