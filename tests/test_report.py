@@ -291,6 +291,21 @@ def test_one_epoch_axis_spans_a_unit_around_the_point() -> None:
     assert ax.get_xlim() == (-1.0, 1.0)
 
 
+def test_a_one_epoch_report_has_readable_x_axes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The figure as drawn (not the helper alone): every epoch axis spans a unit around epoch 0, and
+    # the metric-against-epsilon axis starts at 0 and holds the point, instead of -0.045..0.045.
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k)))
+    draw_privacy_report([(0.0, 2.9)], [(0.0, 0.8)], tmp_path / "one.png")
+    eps_ax, metric_ax, curve_ax = drawn[0].axes
+    assert eps_ax.get_xlim() == metric_ax.get_xlim() == (-1.0, 1.0)
+    left, right = curve_ax.get_xlim()
+    assert left == 0.0 and right > 2.9
+
+
 def test_missing_matplotlib_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
