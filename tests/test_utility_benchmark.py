@@ -113,3 +113,55 @@ def test_a_configuration_recorded_twice_counts_once(utility, tmp_path):
     loaded = utility.load_records(out)
     assert len(loaded) == len(records)
     assert all("result" in r for r in loaded) and min(r["result"]["test"] for r in loaded) >= 0
+
+
+def test_cosine_schedule_decays_the_sgd_learning_rate_to_zero_over_the_run(utility):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = utility.Config(
+        "digits", "cosine", 3.0, "abadi", 0.01, 3.0, "sgd", 0.03, 0, 64, 40, schedule="cosine"
+    )
+    conf = utility.optimizer_config(params, cfg, total_steps=10)
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.03 / 3.0)  # starts at the grid's lr * R, divided by R
+    assert lrs[5] == pytest.approx(0.01 * 0.5)  # half-way: half
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12) and lrs[11] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    constant = utility.optimizer_config(params, utility.replace(cfg, schedule="constant"), 10)
+    assert isinstance(constant, torch.optim.SGD)
+
+
+def test_schedule_study_is_its_own_table_and_old_records_still_load(utility, tmp_path):
+    configs = utility.build_grid("sgd_schedule", ["digits"])
+    assert {(c.study, c.schedule, c.optimizer) for c in configs} == {
+        ("cosine", "cosine", "sgd"),
+        ("constant", "constant", "sgd"),
+    }
+    old = json.loads(json.dumps(_records(utility, random.Random(2))[0]))
+    del old["config"]["schedule"]  # records written before the field existed
+    cosine = {"config": asdict(configs[0]), "result": {"val": 0.5, "test": 0.5, "sigma": 2.0, "steps": 800}}
+    out = tmp_path / "r.jsonl"
+    out.write_text(json.dumps(old) + "\n" + json.dumps(cosine) + "\n")
+    tables = {key[:6] for key in utility.summarise(utility.load_records(out))}
+    assert ("digits", "main", 3.0, "adam", 64, 40) in tables
+    assert ("digits", "cosine", 3.0, "sgd", 64, 40) in tables
+
+
+def test_text_task_is_the_lora_examples_setting(utility):
+    spec = utility.TASKS["text"]
+    assert (spec.batch_size, spec.epochs) == (256, 3) and 3e-3 in spec.adam_lrs
+    smoke = [c for c in utility.build_grid("smoke", ["text"])]
+    assert all(c.small and c.batch_size <= 64 for c in smoke)  # 64 articles: q = B / N <= 1
+
+
+def test_records_carry_the_machine(utility, tmp_path):
+    cfg = utility.Config("digits", "main", 3.0, "auto_s", 0.01, 1.0, "adam", 1e-3, 0, 64, 1)
+    out = tmp_path / "r.jsonl"
+    with out.open("a") as f:
+        utility._record({"config": asdict(cfg), "error": "x"}, "cpu", f, "", "test box")
+    assert json.loads(out.read_text())["machine"] == "test box"
