@@ -1,0 +1,257 @@
+r""":class:`DPFSDPStrategy`, registered as ``strategy="dp_fsdp"``: dp_auto with the model sharded (FSDP2).
+
+Same DP semantics as :class:`~lightning_autodp.DPAutoStrategy` (per-example clipping over all
+trainable parameters jointly, the clipped sums summed over ranks, noise :math:`\sigma R z` in
+each coordinate exactly once, Poisson sampling, accumulation, the privacy ledger), with every
+trainable parameter split over the ranks by ``torch.distributed.fsdp.fully_shard``:
+
+* the one-backward engines (``bk``, ``ghost``) compute per-example norms from each layer's input
+  and output gradient, which a rank has in full for its own examples: no per-example gradient is
+  gathered or sharded, and autograd never forms the non-private weight gradient (so FSDP has
+  nothing of its own to reduce);
+* the clipped sums are reduce-scattered parameter by parameter, and each rank adds noise only to
+  the shard it owns (:mod:`lightning_autodp.sharded`); no rank holds the whole gradient (with
+  ``bk``; ``ghost`` holds one micro-batch's clipped sums until its second backward ends).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_autodp import _compat
+from lightning_autodp.engines.bookkeeping import BookKeepingEngine
+from lightning_autodp.sharded import ShardedDPStep, ShardedLayout, check_shardable
+from lightning_autodp.strategy import DPAutoStrategy
+from lightning_autodp.verify import GradientLayout, slice_batch
+
+#: the engines whose per-example work needs no per-example gradient (so none is sharded)
+SHARDED_ENGINES = ("auto", "bk", "ghost")
+#: LightningModule methods that run the model: FSDP gathers the root's parameters around them
+_FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+class DPFSDPStrategy(DPAutoStrategy):
+    r"""dp_auto for models sharded over the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+    Every argument of :class:`~lightning_autodp.DPAutoStrategy` applies, with the same meaning;
+    the update handed to the optimizer is the same
+    :math:`\tilde g = (\sum_i C_i g_i + \sigma R z) / B`, computed shard by shard (see
+    :mod:`lightning_autodp.sharded`). Differences:
+
+    Args:
+        engine: ``"bk"`` (one backward, the default for ``"auto"``) or ``"ghost"`` (two backward
+            passes, activation memory of non-private training). ``"hooks"`` is refused: it forms
+            per-example gradients of whole parameters. Layers without a one-backward rule
+            (those dp_auto handles with its per-module torch.func rule) are refused, by name.
+        reshard_after_forward: passed to ``fully_shard`` (free the gathered parameters after
+            forward, gather them again in backward: less memory, more communication).
+        \**kwargs: the arguments of :class:`~lightning_autodp.DPAutoStrategy`.
+
+    Sharding: if the LightningModule's ``configure_model`` already applied ``fully_shard`` to some
+    of its submodules, that is kept; otherwise each element of every ``nn.ModuleList`` (the blocks
+    of transformers models) becomes one FSDP unit. The LightningModule itself is always the root
+    unit, so parameters outside the blocks are sharded too, and its ``training_step``,
+    ``validation_step``, ``test_step`` and ``predict_step`` gather them. On one device nothing is
+    sharded (the run is dp_auto's).
+
+    Checkpoints hold the full (consolidated) model and optimizer state, gathered on rank 0's CPU,
+    plus the privacy ledger: a run resumes on any number of ranks.
+
+    Example::
+
+        import lightning as L
+        import lightning_autodp
+
+        trainer = L.Trainer(strategy="dp_fsdp", accelerator="gpu", devices=8,
+                            callbacks=[lightning_autodp.PrivacyBudget(target_epsilon=3.0, delta=1e-5)])
+    """
+
+    strategy_name = "dp_fsdp"
+    dp_step_class = ShardedDPStep
+
+    def __init__(
+        self,
+        *,
+        engine: Literal["auto", "bk", "ghost"] = "auto",
+        reshard_after_forward: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if engine not in SHARDED_ENGINES:
+            raise ValueError(
+                f"dp_fsdp supports engine='bk' or 'ghost' (and 'auto' = 'bk'), got engine={engine!r}: "
+                "the 'hooks' engine forms per-example gradients of whole parameters, which sharding "
+                "cannot hold. Use DPFSDPStrategy(engine='bk'), or strategy='dp_auto' for engine='hooks'."
+            )
+        super().__init__(engine=engine, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Differentially private training with the model sharded by FSDP2 (lightning-autodp)",
+        )
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when the model is split over more than one process."""
+        return self.world_size > 1 and _compat.distributed_is_initialized()
+
+    # ------------------------------------------------------------------ sharding
+
+    @override
+    def prepare_module(self, module: pl.LightningModule) -> None:
+        """Check the layers, then shard: the user's FSDP units, else one per block, and the root."""
+        self._check_one_backward_layers(module)
+        if self.engine == "auto":
+            self.engine = "bk"
+        if not self.is_sharded:
+            rank_zero_info("dp_fsdp on one process: nothing to shard, the model stays whole.")
+            return
+        user_units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        if not user_units:
+            _compat.sync_module_states(module)  # the same initial weights on every rank, as DDP
+        mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+        if not user_units:
+            for block in _blocks(module):
+                fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        if not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        for method in _FORWARD_METHODS:
+            if callable(getattr(module, method, None)):
+                register_fsdp_forward_method(module, method)
+        names = {id(p): n for n, p in module.named_parameters()}
+        check_shardable([p for p in module.parameters() if p.requires_grad], names)
+
+    def _check_one_backward_layers(self, module: nn.Module) -> None:
+        fallbacks = BookKeepingEngine.fallback_modules(module)
+        if fallbacks:
+            shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in fallbacks[:10])
+            raise ValueError(
+                f"dp_fsdp has no one-backward rule for {shown}: dp_auto handles such modules with a "
+                "per-module torch.func rule, which needs their whole parameters. Freeze them "
+                "(requires_grad=False), replace them by layers with a rule (nn.Linear, nn.Embedding, "
+                "nn.LayerNorm, nn.RMSNorm, nn.Conv*d, nn.GroupNorm, transformers' Conv1D), or use "
+                "strategy='dp_auto'."
+            )
+
+    # ------------------------------------------------------------------ verification
+
+    @override
+    def verify_first_batch(
+        self, args: tuple, kwargs: dict, *, empty: bool = False, layout: GradientLayout | None = None
+    ) -> bool:
+        """Every rank verifies the same examples: those of the first rank with a non-empty micro-batch.
+
+        Sharded parameters make each per-example backward a collective, and FSDP averages the
+        gradients of all ranks: with the same example everywhere, that average is its gradient.
+        """
+        if not self.is_sharded:
+            return super().verify_first_batch(args, kwargs, empty=empty, layout=layout)
+        batch = args[0] if args else kwargs.get("batch")
+        sizes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(sizes, 0 if empty else _size(batch))
+        source = next((r for r, n in enumerate(sizes) if n), None)
+        if source is None:
+            return False  # every rank drew an empty micro-batch: verify on the next one
+        shared: list[Any] = [None]
+        if self.global_rank == source:
+            k = min(self.verify_examples, int(sizes[source]))
+            shared[0] = move_data_to_device(slice_batch(batch, 0, k), torch.device("cpu"))
+        dist.broadcast_object_list(shared, src=source)
+        sub_batch = move_data_to_device(shared[0], self.root_device)
+        if args:
+            args = (sub_batch, *args[1:])
+        else:
+            kwargs = {**kwargs, "batch": sub_batch}
+        sharded = ShardedLayout(self.world_size, _all_reduce_sum)
+        return super().verify_first_batch(args, kwargs, empty=False, layout=sharded)
+
+    # ------------------------------------------------------------------ the run
+
+    @override
+    def on_train_start(self) -> None:
+        if self.canaries is not None:
+            raise ValueError(
+                "PrivacyAudit is not supported under dp_fsdp yet (its canaries are full-size gradients). "
+                "Audit the same model and settings under strategy='dp_auto'."
+            )
+        super().on_train_start()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full model state (collective: every rank takes part; rank 0 gets it, on CPU)."""
+        if not self._model_is_sharded():
+            return super().lightning_module_state_dict()
+        return get_model_state_dict(self.model, options=_FULL_ON_RANK0)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The full optimizer state keyed by parameter name (collective; rank 0 gets it, on CPU)."""
+        if not self._model_is_sharded():
+            return super().optimizer_state(optimizer)
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return get_optimizer_state_dict(self.model, optimizer, options=_FULL_ON_RANK0)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Shard the checkpoint's full optimizer state (every rank reads the same checkpoint)."""
+        if not self._model_is_sharded():
+            return super().load_optimizer_state_dict(checkpoint)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            set_optimizer_state_dict(
+                self.model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+            )
+        return None
+
+    def _model_is_sharded(self) -> bool:
+        return self.model is not None and any(isinstance(m, FSDPModule) for m in self.model.modules())
+
+
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """The elements of every ``nn.ModuleList`` that own trainable parameters (transformer blocks)."""
+    blocks = []
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList):
+            blocks.extend(b for b in sub if any(p.requires_grad for p in b.parameters()))
+    return blocks
+
+
+def _size(batch: Any) -> int:
+    from lightning_autodp.verify import batch_size_of
+
+    return batch_size_of(batch)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+__all__ = ["DPFSDPStrategy"]

@@ -1,0 +1,100 @@
+"""dp_fsdp on two CPU processes (gloo, FSDP2's fully_shard): the same DP step as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.fsdp_worker import TinyLM, data
+from tests.reference import per_example_gradients, reference_clipped_mean
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def run(mode: str, devices: int, outdir: Path, engine: str = "bk") -> list[dict]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DP_ENGINE": engine, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), mode, str(devices), str(outdir)],
+        timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"fsdp_worker {mode} on {devices} process(es) exited {proc.returncode}:\n{tail}")
+    return [json.loads((outdir / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+
+
+def _rel(a, b) -> float:
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def reference_first_gradient() -> list[float]:
+    """(1/16) sum_i C_i g_i over all 16 examples, AUTO-S with R = 0.5: one backward per example."""
+    model = TinyLM().double()
+    ids, y = data(16).tensors
+    grads = per_example_gradients(model, lambda net, i: F.cross_entropy(net(ids[i : i + 1]), y[i : i + 1]), 16)
+    mean = reference_clipped_mean(grads, "auto_s", 0.5, 0.01, batch_size=16)
+    return torch.cat([g.flatten() for g in mean]).tolist()
+
+
+@pytest.mark.parametrize("engine", ["bk", "ghost"])
+def test_sharded_update_equals_the_per_example_loop_on_the_union(tmp_path, engine):
+    rank0, rank1 = run("exact", 2, tmp_path, engine)
+    assert rank0["sharded"] and rank1["sharded"] and rank0["steps"] == rank1["steps"] == 2
+    # the gradient the optimizer saw at the first step (gathered from the shards)
+    assert _rel(rank0["grads"][0], reference_first_gradient()) < 1e-10
+    assert rank0["params"] == rank1["params"]
+    one = run("exact", 1, tmp_path / "one", engine)[0]
+    assert not one["sharded"]
+    assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+def test_accumulation_under_sharding_equals_one_process(tmp_path):
+    rank0, _ = run("accumulate", 2, tmp_path)
+    one = run("accumulate", 1, tmp_path / "one")[0]
+    assert rank0["steps"] == one["steps"] == 1
+    assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+def test_noise_enters_every_shard_once(tmp_path):
+    ranks = run("noise", 2, tmp_path)
+    sigma, max_grad_norm = 1.0, 2.0
+    expected = sigma * max_grad_norm / ranks[0]["expected_batch_size"]
+    for rank in ranks:
+        assert rank["sharded"]
+        for step in rank["local_grads"]:
+            shard = torch.tensor([x for p in step for x in p], dtype=torch.float64)
+            assert shard.numel() > 1000
+            # 0 if this rank's shard got no noise, sqrt(2) times too much if noise entered twice
+            assert abs(shard.std().item() / expected - 1) < 0.05
+    # each rank draws its own shard's noise: the gathered gradients agree, the shards do not repeat
+    assert ranks[0]["grads"] == ranks[1]["grads"]
+    assert ranks[0]["local_grads"][0][0] != ranks[1]["local_grads"][0][0]
+
+
+def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
+    rank0, rank1 = run("budget", 2, tmp_path)
+    assert rank0["steps"] == rank1["steps"] > 0
+    assert rank0["epsilon"] == rank1["epsilon"] <= 2.0
+    assert rank0["params"] == rank1["params"]
+
+
+def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_path):
+    uninterrupted = run("uninterrupted", 2, tmp_path / "a")
+    run("interrupted", 2, tmp_path / "b")
+    resumed = run("resumed", 2, tmp_path / "b")
+    assert uninterrupted[0]["steps"] == resumed[0]["steps"] == 10
+    assert resumed[0]["params"] == resumed[1]["params"]
+    assert _rel(resumed[0]["params"], uninterrupted[0]["params"]) < 1e-12
+    assert resumed[0]["epsilon"] == pytest.approx(uninterrupted[0]["epsilon"], rel=1e-12)
