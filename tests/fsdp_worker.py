@@ -15,11 +15,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lightning_autodp import DPFSDPStrategy, PrivacyBudget  # noqa: E402
+from lightning_autodp import DPFSDPStrategy, EngineVerificationError, PrivacyBudget  # noqa: E402
 
 VOCAB, SEQ, DIM = 13, 5, 8
 
@@ -80,6 +81,13 @@ class Recorder(L.Callback):
             self.local_grads.append([local(p.grad).flatten().tolist() for p in pl_module.parameters()])
 
 
+class BreakEngine(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        engine = trainer.strategy._engine
+        norms = engine.per_sample_squared_norms
+        engine.per_sample_squared_norms = lambda: 4.0 * norms()
+
+
 def data(n: int) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     return TensorDataset(torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -120,6 +128,12 @@ def main(mode: str, devices: int, outdir: str) -> None:
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=2.0)
         loader = DataLoader(data(64), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
+    elif mode == "verify_broken":
+        # every rank's engine reports norms twice too large: the sharded verification must refuse
+        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0)
+        loader = DataLoader(data(64), batch_size=16 // devices)
+        callbacks.append(BreakEngine())
+        trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
     elif mode == "budget":
         budget = PrivacyBudget(target_epsilon=2.0, delta=1e-3, accountant="rdp")
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=2.0)
@@ -141,12 +155,18 @@ def main(mode: str, devices: int, outdir: str) -> None:
             (fit_kwargs["ckpt_path"],) = glob.glob(os.path.join(outdir, "step=6.ckpt"))
     else:
         raise KeyError(mode)
-    trainer.fit(model, loader, **fit_kwargs)
+    try:
+        trainer.fit(model, loader, **fit_kwargs)
+    except EngineVerificationError as err:
+        with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"refused": str(err), "steps": strategy.steps}, f)
+        return
     out = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "steps": strategy.steps,
         "sharded": any(isinstance(p, DTensor) for p in model.parameters()),
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
         "expected_batch_size": strategy.expected_batch_size if strategy.poisson_sampling else None,
         "params": torch.cat([full(p).detach().flatten() for p in model.parameters()]).tolist(),
         "grads": recorder.grads,

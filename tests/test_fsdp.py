@@ -8,9 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_autodp import DPFSDPStrategy
 
 from tests.fsdp_worker import TinyLM, data
 from tests.reference import per_example_gradients, reference_clipped_mean
@@ -52,6 +57,7 @@ def reference_first_gradient() -> list[float]:
 def test_sharded_update_equals_the_per_example_loop_on_the_union(tmp_path, engine):
     rank0, rank1 = run("exact", 2, tmp_path, engine)
     assert rank0["sharded"] and rank1["sharded"] and rank0["steps"] == rank1["steps"] == 2
+    assert rank0["fsdp_units"] == 3  # the default policy: each of the 2 blocks, and the root
     # the gradient the optimizer saw at the first step (gathered from the shards)
     assert _rel(rank0["grads"][0], reference_first_gradient()) < 1e-10
     assert rank0["params"] == rank1["params"]
@@ -98,3 +104,44 @@ def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_p
     assert resumed[0]["params"] == resumed[1]["params"]
     assert _rel(resumed[0]["params"], uninterrupted[0]["params"]) < 1e-12
     assert resumed[0]["epsilon"] == pytest.approx(uninterrupted[0]["epsilon"], rel=1e-12)
+
+
+def test_sharded_verification_refuses_a_wrong_engine_on_every_rank(tmp_path):
+    ranks = run("verify_broken", 2, tmp_path)
+    for rank in ranks:
+        assert rank["steps"] == 0
+        assert "disagrees with a per-example loop" in rank["refused"] or "other rank" in rank["refused"]
+
+
+def test_hooks_engine_is_refused():
+    with pytest.raises(ValueError, match="engine='bk' or 'ghost'"):
+        DPFSDPStrategy(engine="hooks")
+
+
+def test_a_layer_without_a_one_backward_rule_is_refused_by_name():
+    class Scale(nn.Module):  # a parameter used by a module with no layer rule
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 3), Scale())
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        strategy=DPFSDPStrategy(noise_multiplier=1.0), accelerator="cpu", devices=1, max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    with pytest.raises(ValueError, match=r"no one-backward rule for net\.1 \(Scale\)"):
+        trainer.fit(Model(), loader)
