@@ -260,9 +260,7 @@ class PrivacyBudget(Callback):
         self.history.append((trainer.current_epoch, self.steps, epsilon))
         # Not sync_dist=True: every rank holds the same epsilon, and the sync would run when a rank-0-only
         # reader (progress bar) computes the metric, so the ranks would deadlock (tests/test_ddp.py).
-        pl_module.log(
-            "epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True
-        )
+        pl_module.log("epsilon", epsilon, prog_bar=True, logger=bool(trainer.loggers), on_epoch=True)
 
     # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
     # lightning_autodp.summary, which reads this callback's epsilon, delta and stopped_by_budget.

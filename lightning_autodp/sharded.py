@@ -51,9 +51,9 @@ def check_shardable(params: Sequence[nn.Parameter], names: dict[int, str]) -> No
     for p in params:
         if isinstance(p, DTensor) and not all(isinstance(pl, Shard) for pl in p.placements):
             raise ValueError(
-                f"dp_fsdp: parameter {names.get(id(p), '?')!r} has placements {p.placements}; only parameters "
-                "sharded on every mesh dimension (fully_shard on a 1-D mesh) are supported, because a "
-                "replicated coordinate would need identical noise on every replica. Use a 1-D mesh "
+                f"dp_fsdp: parameter {names.get(id(p), '?')!r} has placements {p.placements}; only "
+                "parameters sharded on every mesh dimension (fully_shard on a 1-D mesh) are supported, "
+                "because a replicated coordinate would need identical noise on every replica. Use a 1-D mesh "
                 "(fully_shard(module, mesh=init_device_mesh(device, (world_size,))))."
             )
 

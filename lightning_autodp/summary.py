@@ -58,8 +58,7 @@ def format_fit_summary(s: FitSummary) -> str:
     """The end-of-fit line: steps, why it stopped, sigma, q, epsilon at delta, and where they come from."""
     q = "unknown" if s.sample_rate is None else f"{s.sample_rate:.4g}"
     head = (
-        f"dp_auto: fit ended after {s.steps} steps ({s.stop_reason}): "
-        f"sigma={s.noise_multiplier:.4g}, q={q}, "
+        f"dp_auto: fit ended after {s.steps} steps ({s.stop_reason}): sigma={s.noise_multiplier:.4g}, q={q}, "
     )
     if s.epsilon is None:
         return head + (

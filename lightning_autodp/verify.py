@@ -328,7 +328,9 @@ def _engine_pass(
         raw_sq = engine.per_sample_squared_norms()
         norms = raw_sq.double().sqrt() / scale
         if size == weights.numel():  # as the strategy passes them: on the norms' device and dtype
-            summed = layout.engine_sums(engine, (weights / scale).to(raw_sq.device, raw_sq.dtype), engine.params)
+            summed = layout.engine_sums(
+                engine, (weights / scale).to(raw_sq.device, raw_sq.dtype), engine.params
+            )
     finally:
         engine.reset()
     return size, norms, summed

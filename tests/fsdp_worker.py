@@ -90,7 +90,9 @@ class BreakEngine(L.Callback):
 
 def data(n: int) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, 3, (n,), generator=g))
+    return TensorDataset(
+        torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, 3, (n,), generator=g)
+    )
 
 
 def main(mode: str, devices: int, outdir: str) -> None:

@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autodp import DPFSDPStrategy
-
 from tests.fsdp_worker import TinyLM, data
 from tests.reference import per_example_gradients, reference_clipped_mean
 
@@ -48,7 +47,9 @@ def reference_first_gradient() -> list[float]:
     """(1/16) sum_i C_i g_i over all 16 examples, AUTO-S with R = 0.5: one backward per example."""
     model = TinyLM().double()
     ids, y = data(16).tensors
-    grads = per_example_gradients(model, lambda net, i: F.cross_entropy(net(ids[i : i + 1]), y[i : i + 1]), 16)
+    grads = per_example_gradients(
+        model, lambda net, i: F.cross_entropy(net(ids[i : i + 1]), y[i : i + 1]), 16
+    )
     mean = reference_clipped_mean(grads, "auto_s", 0.5, 0.01, batch_size=16)
     return torch.cat([g.flatten() for g in mean]).tolist()
 
