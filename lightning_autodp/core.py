@@ -172,6 +172,7 @@ class DPStep:
         clipping, max_grad_norm, gamma: the clipping rule :math:`C_i` and :math:`R`
             (see :mod:`lightning_autodp.clipping`).
         names: parameter names by ``id(param)``, used in error messages.
+        bucket_mb: the largest flat buffer (megabytes) that a reduction over ranks packs.
 
     Example (one process, no Lightning)::
 
@@ -195,8 +196,11 @@ class DPStep:
         max_grad_norm: float,
         gamma: float,
         names: dict[int, str] | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         self.params = list(params)
+        #: the largest flat buffer a reduction of the sums packs, in megabytes
+        self.bucket_mb = bucket_mb
         #: parameter names by ``id``, for messages
         self.names = names or {}
         self.clipping = clipping

@@ -17,11 +17,13 @@ trainable parameter split over the ranks by ``torch.distributed.fsdp.fully_shard
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -40,7 +42,7 @@ from typing_extensions import override
 from lightning_autodp import _compat
 from lightning_autodp.engines.bookkeeping import BookKeepingEngine
 from lightning_autodp.sharded import ShardedDPStep, ShardedLayout, check_shardable
-from lightning_autodp.strategy import DPAutoStrategy
+from lightning_autodp.strategy import CHECKPOINT_KEY, DPAutoStrategy
 from lightning_autodp.verify import GradientLayout, slice_batch
 
 #: the engines whose per-example work needs no per-example gradient (so none is sharded)
@@ -64,6 +66,9 @@ class DPFSDPStrategy(DPAutoStrategy):
             (those dp_auto handles with its per-module torch.func rule) are refused, by name.
         reshard_after_forward: passed to ``fully_shard`` (free the gathered parameters after
             forward, gather them again in backward: less memory, more communication).
+        sharded_checkpoint: write checkpoints as a directory of shards (every rank writes its own,
+            with ``torch.distributed.checkpoint``; no rank gathers the model), the default; ``False``:
+            one file with the full model and optimizer state gathered on rank 0's CPU.
         \**kwargs: the arguments of :class:`~lightning_autodp.DPAutoStrategy`.
 
     Sharding: if the LightningModule's ``configure_model`` already applied ``fully_shard`` to some
@@ -73,8 +78,8 @@ class DPFSDPStrategy(DPAutoStrategy):
     ``validation_step``, ``test_step`` and ``predict_step`` gather them. On one device nothing is
     sharded (the run is dp_auto's).
 
-    Checkpoints hold the full (consolidated) model and optimizer state, gathered on rank 0's CPU,
-    plus the privacy ledger: a run resumes on any number of ranks.
+    Checkpoints hold the privacy ledger beside the model and optimizer state, sharded (default) or
+    consolidated; either resumes on any number of ranks.
 
     Example::
 
@@ -93,6 +98,7 @@ class DPFSDPStrategy(DPAutoStrategy):
         *,
         engine: Literal["auto", "bk", "ghost"] = "auto",
         reshard_after_forward: bool = True,
+        sharded_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
         if engine not in SHARDED_ENGINES:
@@ -103,6 +109,8 @@ class DPFSDPStrategy(DPAutoStrategy):
             )
         super().__init__(engine=engine, **kwargs)
         self.reshard_after_forward = reshard_after_forward
+        self.sharded_checkpoint = sharded_checkpoint
+        self._sharded_checkpoint_path: Path | None = None
 
     @classmethod
     @override
@@ -202,29 +210,96 @@ class DPFSDPStrategy(DPAutoStrategy):
     # ------------------------------------------------------------------ checkpoints
 
     @override
+    def model_to_device(self) -> None:
+        """On GPUs a sharded run leaves the model where it was built: ``fully_shard`` moves each unit's
+        shards to the device, so the whole model is never on one GPU."""
+        if self.is_sharded and self.root_device.type != "cpu":
+            return
+        super().model_to_device()
+
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full model state (collective: every rank takes part; rank 0 gets it, on CPU)."""
+        """Sharded checkpoints: this rank's shards (DTensors); else the full state on rank 0's CPU."""
         if not self._model_is_sharded():
             return super().lightning_module_state_dict()
+        if self.sharded_checkpoint:
+            return get_model_state_dict(self.model)
         return get_model_state_dict(self.model, options=_FULL_ON_RANK0)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The full optimizer state keyed by parameter name (collective; rank 0 gets it, on CPU)."""
+        """The optimizer state keyed by parameter name, sharded or gathered on rank 0 as the model's."""
         if not self._model_is_sharded():
             return super().optimizer_state(optimizer)
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        return get_optimizer_state_dict(self.model, optimizer, options=_FULL_ON_RANK0)
+        options = StateDictOptions() if self.sharded_checkpoint else _FULL_ON_RANK0
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """A sharded checkpoint is a directory: model and optimizer shards written by every rank with
+        ``torch.distributed.checkpoint``, the rest (loops, callbacks, the privacy ledger) by rank 0."""
+        if not (self._model_is_sharded() and self.sharded_checkpoint):
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if storage_options is not None:
+            raise TypeError("dp_fsdp's sharded checkpoints take no storage_options.")
+        checkpoint[CHECKPOINT_KEY] = self.dp_state_dict()
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero and path.is_file():
+            path.unlink()
+        self.barrier("dp_fsdp_checkpoint_dir")
+        path.mkdir(parents=True, exist_ok=True)
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        optimizer_states = checkpoint.pop("optimizer_states", [])
+        shards.update({f"optimizer_{i}": state for i, state in enumerate(optimizer_states)})
+        dcp.save(shards, checkpoint_id=path)
+        checkpoint["sharded_optimizers"] = len(optimizer_states)
+        if self.is_global_zero:
+            torch.save(checkpoint, path / _META_FILE)
+        self.barrier("dp_fsdp_checkpoint_saved")
+        return None
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A sharded checkpoint (directory) on any number of ranks; a file as dp_auto loads it.
+
+        Called before the model is sharded: its state is read into the whole model (DCP reshards on
+        load); the optimizer state is read once the optimizers exist (:meth:`load_optimizer_state_dict`).
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            self._sharded_checkpoint_path = None
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = torch.load(path / _META_FILE, weights_only=False, map_location="cpu")
+        assert self.lightning_module is not None
+        model_state = {"state_dict": self.lightning_module.state_dict()}
+        dcp.load(model_state, checkpoint_id=path)
+        checkpoint["state_dict"] = model_state["state_dict"]
+        # Lightning requires the key; the states themselves are read from the shards
+        checkpoint["optimizer_states"] = [None] * int(checkpoint.pop("sharded_optimizers", 0))
+        self._sharded_checkpoint_path = path
+        self.restore_dp_state(checkpoint)
+        return checkpoint
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Shard the checkpoint's full optimizer state (every rank reads the same checkpoint)."""
+        """Shard the checkpoint's optimizer state: from the shards on disk, or the full state."""
         if not self._model_is_sharded():
             return super().load_optimizer_state_dict(checkpoint)
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+        path = self._sharded_checkpoint_path
+        for i, optimizer in enumerate(self.optimizers):
+            if path is not None:
+                state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+                dcp.load(state, checkpoint_id=path)
+                full = False
+                osd = state[f"optimizer_{i}"]
+            else:
+                osd, full = checkpoint["optimizer_states"][i], True
             set_optimizer_state_dict(
-                self.model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+                self.model, optimizer, osd, options=StateDictOptions(full_state_dict=full)
             )
         return None
 
@@ -233,6 +308,8 @@ class DPFSDPStrategy(DPAutoStrategy):
 
 
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+#: the non-tensor part of a sharded checkpoint (loops, callbacks, the privacy ledger)
+_META_FILE = "meta.pt"
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:

@@ -29,12 +29,15 @@ need the same noise on each of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
+from lightning_autodp.clipping import ClippingMode
 from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.engines.base import PerSampleEngine
 from lightning_autodp.noise import NoiseSource
@@ -74,6 +77,81 @@ def reduce_scatter_to_shard(full: Tensor, param: Tensor) -> Tensor:
     return partial.redistribute(mesh, param.placements).to_local()
 
 
+def _dim0_sharded(param: Tensor) -> bool:
+    return (
+        isinstance(param, DTensor)
+        and param.device_mesh.ndim == 1
+        and tuple(param.placements) == (Shard(0),)
+        and param.dim() > 0
+    )
+
+
+def reduce_scatter_bucket(params: Sequence[Tensor], fulls: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`reduce_scatter_to_shard` of several parameters with one collective where possible.
+
+    Parameters sharded along dim 0 on the same 1-D mesh (FSDP2's layout: rank ``r`` owns rows
+    ``[r c, min((r+1) c, n))`` with ``c = ceil(n / world)``, as ``torch.chunk``) are packed rank by
+    rank into one buffer, padded to ``c`` rows each, and reduce-scattered at once; any other
+    parameter goes through :func:`reduce_scatter_to_shard` alone.
+    """
+    out: list[Tensor | None] = [None] * len(params)
+    packed = [i for i, p in enumerate(params) if _dim0_sharded(p)]
+    for i, p in enumerate(params):
+        if i not in packed:
+            out[i] = reduce_scatter_to_shard(fulls[i], p)
+    if packed:
+        mesh = params[packed[0]].device_mesh  # type: ignore[union-attr]
+        groups: dict[tuple[Any, torch.dtype], list[int]] = {}
+        for i in packed:
+            groups.setdefault((params[i].device_mesh, fulls[i].dtype), []).append(i)  # type: ignore[union-attr]
+        for (mesh, _), idx in groups.items():
+            world = mesh.size()
+            rows = [-(-params[i].shape[0] // world) for i in idx]
+            per_rank = []
+            for i, c in zip(idx, rows):
+                full = fulls[i].reshape(params[i].shape[0], -1)
+                padded = full.new_zeros((c * world, full.shape[1]))
+                padded[: full.shape[0]] = full
+                per_rank.append(padded.view(world, -1))
+            flat = torch.cat(per_rank, dim=1).reshape(-1)
+            mine = flat.new_empty(flat.numel() // world)
+            dist.reduce_scatter_tensor(mine, flat, group=mesh.get_group())
+            offset = 0
+            for i, c in zip(idx, rows):
+                rest = params[i].shape[1:]
+                size = c * math.prod(rest)
+                local_rows = local_part(params[i]).shape[0]
+                out[i] = mine[offset : offset + size].view(c, *rest)[:local_rows]
+                offset += size
+    return out  # type: ignore[return-value]
+
+
+class _Bucket:
+    def __init__(self) -> None:
+        self.params: list[nn.Parameter] = []
+        self.fulls: list[Tensor] = []
+        self.bytes = 0
+
+
+def _buckets(sums: Iterator[tuple[nn.Parameter, Tensor | None]], bucket_mb: float) -> Iterator[_Bucket]:
+    """Group ``(p, full-size sum)`` in order into buckets of at most ``bucket_mb`` (zeros for None)."""
+    limit = max(int(bucket_mb * 2**20), 1)
+    bucket = _Bucket()
+    for p, full in sums:
+        if full is None:
+            full = torch.zeros(p.shape, dtype=_sum_dtype(p), device=local_part(p).device)
+        full = full.to(_sum_dtype(p))
+        size = full.numel() * full.element_size()
+        if bucket.params and bucket.bytes + size > limit:
+            yield bucket
+            bucket = _Bucket()
+        bucket.params.append(p)
+        bucket.fulls.append(full)
+        bucket.bytes += size
+    if bucket.params:
+        yield bucket
+
+
 def as_param_grad(local: Tensor, param: Tensor) -> Tensor:
     """``local`` (this rank's shard) as a gradient for ``param``: a DTensor with its layout."""
     if not isinstance(param, DTensor):
@@ -105,6 +183,22 @@ class ShardedDPStep(DPStep):
     #: :attr:`summed` is already summed over ranks
     sums_are_reduced = True
 
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        clipping: ClippingMode,
+        max_grad_norm: float,
+        gamma: float,
+        names: dict[int, str] | None = None,
+        all_reduce: Callable[[Tensor], None] | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+    ) -> None:
+        super().__init__(params, clipping, max_grad_norm, gamma, names, bucket_mb)
+        if all_reduce is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            all_reduce = _all_reduce_sum
+        #: sums a tensor over ranks in place (default: ``dist.all_reduce`` when there are several)
+        self.all_reduce = all_reduce
+
     def clip_and_accumulate(self, engine: PerSampleEngine, scale: float, check_finite: bool = True) -> None:
         r"""Add the micro-batch's :math:`\sum_r \sum_i C_i g_i`, shard by shard, to the step's local sums.
 
@@ -118,31 +212,39 @@ class ShardedDPStep(DPStep):
             self.examples += batch_size
             sums = engine.weighted_sums_in_order(weights, self.params)
         else:
-            sums = ((p, None) for p in self.params)
-        for p, full in sums:
-            if full is None:
-                full = torch.zeros(p.shape, dtype=_sum_dtype(p), device=local_part(p).device)
-            shard = reduce_scatter_to_shard(full.to(_sum_dtype(p)), p)
-            del full
-            if p in self.summed:
-                self.summed[p].add_(shard)
-            else:
-                self.summed[p] = shard.clone()
+            sums = iter([(p, None) for p in self.params])
+        for bucket in _buckets(sums, self.bucket_mb):
+            for p, shard in zip(bucket.params, reduce_scatter_bucket(bucket.params, bucket.fulls)):
+                if p in self.summed:
+                    self.summed[p].add_(shard)
+                else:
+                    self.summed[p] = shard.clone()
         engine.reset()
         for p in self.params:
             p.grad = None
 
     def _refuse_gradients_from_autograd(self) -> None:
         """The engines' layers give autograd no weight gradient, so FSDP reduce-scatters none: a
-        ``p.grad`` here came from a use of ``p`` outside those layers (e.g. ``F.linear(x,
-        layer.weight)``), which the per-example norms miss."""
-        leaked = [self.names.get(id(p), "?") for p in self.params if p.grad is not None]
-        if leaked:
+        non-zero ``p.grad`` here came from a use of ``p`` outside those layers (e.g. ``F.linear(x,
+        layer.weight)``), which the per-example norms miss. (Zeros are what
+        ``zero_grad(set_to_none=False)`` leaves.) All ranks decide together: a leaked gradient may
+        be zero in one rank's shard only."""
+        leaked = [
+            self.names.get(id(p), "?")
+            for p in self.params
+            if p.grad is not None and bool(local_part(p.grad).any())
+        ]
+        flag = torch.tensor(
+            [float(len(leaked))], device=local_part(self.params[0]).device if self.params else None
+        )
+        if self.all_reduce is not None:
+            self.all_reduce(flag)
+        if flag.item() > 0:
             raise RuntimeError(
-                f"dp_fsdp: parameters {sorted(leaked)} received gradient from outside the layers the "
-                "engine captures (e.g. a functional call such as F.linear(x, layer.weight)), so their "
-                "per-example norms would be incomplete. Route every use through the module that owns the "
-                "parameter (call the layer), or give the parameter a module of its own."
+                f"dp_fsdp: parameters {sorted(leaked) or '(on another rank)'} received gradient from "
+                "outside the layers the engine captures (e.g. a functional call such as F.linear(x, "
+                "layer.weight)), so their per-example norms would be incomplete. Route every use through "
+                "the module that owns the parameter (call the layer), or give it a module of its own."
             )
 
     def privatize(
@@ -235,6 +337,10 @@ class ShardedLayout(GradientLayout):
                 full = torch.zeros(p.shape, dtype=_sum_dtype(p), device=local_part(p).device)
             out[p] = reduce_scatter_to_shard(full.to(_sum_dtype(p)), p) / self.world_size
         return out
+
+
+def _all_reduce_sum(tensor: Tensor) -> None:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def _sum_dtype(p: Tensor) -> torch.dtype:

@@ -48,7 +48,8 @@ from lightning_autodp.verify import (
 AUTO = "auto"
 _DEFAULT_NOISE_MULTIPLIER = 1.0
 _RECURRENT_LAYERS = (nn.RNNBase,)
-_CHECKPOINT_KEY = "dp_auto"
+#: the checkpoint entry holding :meth:`DPAutoStrategy.dp_state_dict`
+CHECKPOINT_KEY = "dp_auto"
 
 
 class DPAutoStrategy(DDPStrategy):
@@ -366,8 +367,9 @@ class DPAutoStrategy(DDPStrategy):
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         names = {id(p): n for n, p in module.named_parameters()}
         self._dp_step = self.dp_step_class(
-            self._engine.params, self.clipping, self.max_grad_norm, self.gamma, names=names
-        )
+            self._engine.params, self.clipping, self.max_grad_norm, self.gamma, names=names,
+            bucket_mb=self.bucket_cap_mb,
+        )  # fmt: skip
         self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
         self._checks = FirstStepChecks(self) if self.run_checks else None  # audit/checks
         return model
@@ -544,20 +546,23 @@ class DPAutoStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         """Add the privacy ledger and the seed: a resumed run is accounted and drawn as the original."""
-        checkpoint[_CHECKPOINT_KEY] = self.dp_state_dict()
+        checkpoint[CHECKPOINT_KEY] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get(_CHECKPOINT_KEY)
-        if state is not None:
-            self.load_dp_state_dict(state)
-        self._refuse_resume_without_budget(checkpoint)
+        self.restore_dp_state(checkpoint)
         return checkpoint
 
-    def _refuse_resume_without_budget(self, checkpoint: dict[str, Any]) -> None:
-        """A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported."""
+    def restore_dp_state(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the privacy state of a loaded checkpoint; refuse a budgeted run without a budget.
+
+        A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported.
+        """
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is not None:
+            self.load_dp_state_dict(state)
         saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith("PrivacyBudget")]
         module = self.lightning_module
         trainer = module.trainer if module is not None else None

@@ -144,7 +144,8 @@ def main(mode: str, devices: int, outdir: str) -> None:
     elif mode in ("uninterrupted", "interrupted", "resumed"):
         # Poisson sampling, noise, a budget; 8 steps per epoch; resume from the step-6 checkpoint.
         budget = PrivacyBudget(target_epsilon=50.0, delta=1e-5, accountant="rdp")
-        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, seed=7)
+        sharded = os.environ.get("DP_SHARDED_CHECKPOINT", "1") == "1"
+        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, seed=7, sharded_checkpoint=sharded)
         loader = DataLoader(data(64), batch_size=8 // devices)
         ckpt = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=outdir, every_n_train_steps=6, save_top_k=-1, filename="{step}"
@@ -164,6 +165,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
             json.dump({"refused": str(err), "steps": strategy.steps}, f)
         return
     out = {
+        "checkpoint_is_dir": os.path.isdir(fit_kwargs["ckpt_path"]) if "ckpt_path" in fit_kwargs else None,
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "steps": strategy.steps,
