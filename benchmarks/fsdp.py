@@ -18,8 +18,9 @@ Per rank (rank 0 reported; both hold the same amounts up to one row of padding):
 
 * state memory: bytes of parameters + gradients + optimizer state this rank holds after a step
   (local shards under FSDP), the quantity sharding divides by the world size;
-* peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak RSS (``ru_maxrss``)
-  minus the RSS before the model is built;
+* peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the largest total of live
+  tensors during one more (profiled, untimed) step, from torch.profiler's memory timeline (as
+  ``benchmarks/run.py``), and the peak RSS (``ru_maxrss``) minus the RSS before the model is built;
 * step time: median over the timed steps after warm-up.
 
 The strategy-level loop (Lightning's Trainer) adds the same overhead to every DP mode; this
@@ -53,6 +54,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 MODES = ("fsdp", "dp_fsdp", "ddp", "dp_auto")
 SIZES: dict[str, dict[str, int]] = {
@@ -167,6 +169,13 @@ def _worker(
             torch.cuda.synchronize()
         if i >= size["warmup"]:
             times.append(time.perf_counter() - start)
+    tensor_peak = None
+    if device_type == "cpu":
+        from run import _memory_profiler, _tensor_peak_mb  # benchmarks/run.py's profiler peak
+
+        with _memory_profiler() as prof:
+            step(len(times) + size["warmup"])
+        tensor_peak = _tensor_peak_mb(prof)
     result = {
         "mode": mode,
         "rank": rank,
@@ -178,7 +187,8 @@ def _worker(
     if device_type == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        result["peak_mb"] = tensor_peak
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -207,23 +217,25 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{by['fsdp']['params_total_m']:.1f} M parameters; median of {meta['size']['steps']} steps after "
         f"{meta['size']['warmup']} warm-up; one run.",
         "",
-        "| mode | state MB / rank (params + grads + Adam) | peak MB / rank | step s | state vs ddp "
-        "| step vs fsdp | step vs non-private of its kind |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | state MB / rank (params + grads + Adam) | peak tensor MB / rank | peak RSS MB / rank "
+        "| step s | state vs ddp | peak vs ddp | step vs fsdp | step vs non-private of its kind |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         r = by[mode]
         base = by["fsdp" if "fsdp" in mode else "ddp"]
         lines.append(
-            f"| {mode} | {r['state_mb']:.1f} | {r['peak_mb']:.1f} | {r['step_s']:.3f} | "
-            f"{r['state_mb'] / by['ddp']['state_mb']:.2f}x | {r['step_s'] / by['fsdp']['step_s']:.2f}x | "
+            f"| {mode} | {r['state_mb']:.1f} | {r['peak_mb']:.1f} | "
+            f"{r.get('peak_rss_mb', float('nan')):.1f} | {r['step_s']:.3f} | {r['state_mb'] / by['ddp']['state_mb']:.2f}x | "
+            f"{r['peak_mb'] / by['ddp']['peak_mb']:.2f}x | {r['step_s'] / by['fsdp']['step_s']:.2f}x | "
             f"{r['step_s'] / base['step_s']:.2f}x |"
         )
     lines += [
         "",
         "state: what this rank keeps between steps (its parameter shard, gradient shard, Adam moments);"
-        " peak: " + ("torch.cuda.max_memory_allocated." if meta["backend"] == "nccl" else
-                     "peak RSS minus the RSS before the model was built (includes the allocator's caches)."),
+        " peak tensor: " + ("torch.cuda.max_memory_allocated." if meta["backend"] == "nccl" else
+                     "live tensors at the peak of a profiled step (torch.profiler memory timeline); "
+                     "peak RSS: minus the RSS before the model was built (includes the allocator's caches)."),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 

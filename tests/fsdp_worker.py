@@ -46,13 +46,24 @@ class Block(nn.Module):
 class TinyLM(L.LightningModule):
     """Embedding, a ModuleList of blocks (the default FSDP units), a head: a transformer's layout."""
 
-    def __init__(self, width: int = DIM, blocks: int = 2, zero_gradient: bool = False):
+    def __init__(
+        self, width: int = DIM, blocks: int = 2, zero_gradient: bool = False, shard_first_block=False
+    ):
         super().__init__()
+        self.shard_first_block = shard_first_block
         torch.manual_seed(0)
         self.embed = nn.Embedding(VOCAB, width)
         self.blocks = nn.ModuleList(Block(width) for _ in range(blocks))
         self.head = nn.Linear(width, 3)
         self.zero_gradient = zero_gradient
+
+    def configure_model(self):
+        # a user's own sharding: only the first block is an FSDP unit of its own
+        if self.shard_first_block and not isinstance(self.blocks[0], FSDPModule):
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.blocks[0], mesh=init_device_mesh("cpu", (self.trainer.world_size,)))
 
     def forward(self, ids):
         h = self.embed(ids)
@@ -110,7 +121,11 @@ def main(mode: str, devices: int, outdir: str) -> None:
         precision="64-true",
     )
     # float64 before fit: a checkpoint restored into the model before setup keeps every digit
-    model = TinyLM(width=400 if mode == "noise" else DIM, zero_gradient=(mode == "noise")).double()
+    model = TinyLM(
+        width=400 if mode == "noise" else DIM,
+        zero_gradient=(mode == "noise"),
+        shard_first_block=(mode == "accumulate" and devices > 1),
+    ).double()
     fit_kwargs = {}
     budget = None
     if mode == "exact":
@@ -120,6 +135,14 @@ def main(mode: str, devices: int, outdir: str) -> None:
         )
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=2, callbacks=callbacks, **kwargs)
+    elif mode == "bf16":
+        model = model.float()
+        kwargs["precision"] = "bf16-mixed"
+        strategy = DPFSDPStrategy(
+            engine=engine, noise_multiplier=0.0, poisson_sampling=False, clipping="auto_s", max_grad_norm=0.5
+        )
+        loader = DataLoader(data(16), batch_size=16 // devices)
+        trainer = L.Trainer(strategy=strategy, max_epochs=1, callbacks=callbacks, **kwargs)
     elif mode == "accumulate":
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=0.0, poisson_sampling=False)
         loader = DataLoader(data(16), batch_size=8 // devices)

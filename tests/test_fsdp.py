@@ -68,11 +68,19 @@ def test_sharded_update_equals_the_per_example_loop_on_the_union(tmp_path, engin
         assert _rel(rank0["params"], one["params"]) < 1e-10
 
 
-def test_accumulation_under_sharding_equals_one_process(tmp_path):
+def test_accumulation_and_the_users_own_units_equal_one_process(tmp_path):
     rank0, _ = run("accumulate", 2, tmp_path)
+    assert rank0["fsdp_units"] == 2  # configure_model's unit (the first block) is kept, plus the root
     one = run("accumulate", 1, tmp_path / "one")[0]
     assert rank0["steps"] == one["steps"] == 1
     assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+def test_bf16_mixed_precision_update_is_the_clipped_mean_to_bf16_accuracy(tmp_path):
+    rank0, rank1 = run("bf16", 2, tmp_path)
+    assert rank0["sharded"] and rank0["grads"] == rank1["grads"]
+    # bf16 keeps about 3 digits; a missing or doubled reduction is off by 50% or 100%
+    assert _rel(rank0["grads"][0], reference_first_gradient()) < 3e-2
 
 
 def test_noise_enters_every_shard_once(tmp_path):
