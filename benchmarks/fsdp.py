@@ -226,7 +226,8 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         base = by["fsdp" if "fsdp" in mode else "ddp"]
         lines.append(
             f"| {mode} | {r['state_mb']:.1f} | {r['peak_mb']:.1f} | "
-            f"{r.get('peak_rss_mb', float('nan')):.1f} | {r['step_s']:.3f} | {r['state_mb'] / by['ddp']['state_mb']:.2f}x | "
+            f"{r.get('peak_rss_mb', float('nan')):.1f} | {r['step_s']:.3f} | "
+            f"{r['state_mb'] / by['ddp']['state_mb']:.2f}x | "
             f"{r['peak_mb'] / by['ddp']['peak_mb']:.2f}x | {r['step_s'] / by['fsdp']['step_s']:.2f}x | "
             f"{r['step_s'] / base['step_s']:.2f}x |"
         )
