@@ -59,7 +59,8 @@ def format_fit_summary(s: FitSummary) -> str:
     """The end-of-fit line: steps, why it stopped, sigma, q, epsilon at delta, and where they come from."""
     q = "unknown" if s.sample_rate is None else f"{s.sample_rate:.4g}"
     head = (
-        f"{s.strategy}: fit ended after {s.steps} steps ({s.stop_reason}): sigma={s.noise_multiplier:.4g}, q={q}, "
+        f"{s.strategy}: fit ended after {s.steps} steps ({s.stop_reason}): "
+        f"sigma={s.noise_multiplier:.4g}, q={q}, "
     )
     if s.epsilon is None:
         return head + (
@@ -168,7 +169,8 @@ def format_start_line(strategy: Any, planned_steps: float) -> str:
         clipping += f", gamma={strategy.gamma:g}"
     planned = "until stopped" if not math.isfinite(planned_steps) else f"{int(planned_steps)} steps planned"
     return (
-        f"{getattr(strategy, 'strategy_name', 'dp_auto')}: sigma={sigma_text}, q={'unknown' if q is None else f'{q:.4g}'}, "
+        f"{getattr(strategy, 'strategy_name', 'dp_auto')}: sigma={sigma_text}, "
+        f"q={'unknown' if q is None else f'{q:.4g}'}, "
         f"N={strategy.dataset_size}, {planned}; engine={engine}, {clipping}, "
         f"poisson_sampling={strategy.poisson_sampling}, secure_mode={getattr(strategy, 'secure_mode', False)}"
     )
