@@ -209,6 +209,7 @@ class DPStep:
         self.summed: dict[nn.Parameter, Tensor] = {}
         self.examples = 0
 
+    @torch.no_grad()
     def clip_and_accumulate(self, engine: PerSampleEngine, scale: float, check_finite: bool = True) -> None:
         r"""Add the captured micro-batch's :math:`\sum_i C_i g_i` to the step's sum, then reset the engine.
 
@@ -235,6 +236,7 @@ class DPStep:
             )
         return clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma) / scale
 
+    @torch.no_grad()
     def privatize(
         self,
         *,

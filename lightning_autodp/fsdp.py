@@ -16,7 +16,8 @@ trainable parameter split over the ranks by ``torch.distributed.fsdp.fully_shard
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ from typing_extensions import override
 
 from lightning_autodp import _compat
 from lightning_autodp.engines.bookkeeping import BookKeepingEngine
+from lightning_autodp.sampling import EmptyBatch
 from lightning_autodp.sharded import ShardedDPStep, ShardedLayout, check_shardable
 from lightning_autodp.strategy import CHECKPOINT_KEY, DPAutoStrategy
 from lightning_autodp.verify import GradientLayout, slice_batch
@@ -111,6 +113,7 @@ class DPFSDPStrategy(DPAutoStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.sharded_checkpoint = sharded_checkpoint
         self._sharded_checkpoint_path: Path | None = None
+        self._placeholder: Any = None
 
     @classmethod
     @override
@@ -197,6 +200,35 @@ class DPFSDPStrategy(DPAutoStrategy):
         return super().verify_first_batch(args, kwargs, empty=False, layout=sharded)
 
     # ------------------------------------------------------------------ the run
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """An empty Poisson micro-batch still runs forward and backward, on a placeholder example.
+
+        Sharded parameters are gathered by collectives inside forward and backward, which every rank
+        must enter. A rank that drew no example runs the first example of its dataset through
+        ``training_step`` (nothing logged) and the step discards it: it adds exactly nothing to the
+        clipped sum and is not counted as an example.
+        """
+        batch = args[0] if args else kwargs.get("batch")
+        if not (self.is_sharded and isinstance(batch, EmptyBatch)):
+            return super().training_step(*args, **kwargs)
+        if self.verification_pending:  # a collective: join the ranks that verify their examples
+            self.verification_pending = not self.verify_first_batch(args, kwargs, empty=True)
+        placeholder = self._placeholder_batch()
+        args = (placeholder, *args[1:]) if args else ()
+        kwargs = kwargs if args else {**kwargs, "batch": placeholder}
+        assert self._dp_step is not None
+        self._dp_step.discard_next = True  # type: ignore[attr-defined]
+        module = self.lightning_module
+        with _logging_off(module):
+            return super().training_step(*args, **kwargs)
+
+    def _placeholder_batch(self) -> Any:
+        loader = self._poisson_loader
+        if self._placeholder is None:
+            self._placeholder = loader.collate_fn([loader.dataset[0]])
+        return self.batch_to_device(self._placeholder)
 
     @override
     def on_train_start(self) -> None:
@@ -310,6 +342,26 @@ class DPFSDPStrategy(DPAutoStrategy):
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 #: the non-tensor part of a sharded checkpoint (loops, callbacks, the privacy ledger)
 _META_FILE = "meta.pt"
+
+
+@contextlib.contextmanager
+def _logging_off(module: nn.Module) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside (a placeholder step's loss is not a metric)."""
+    own = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    module.log = _dont_log  # type: ignore[method-assign]
+    module.log_dict = _dont_log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in own:
+                module.__dict__[name] = own[name]
+            else:
+                module.__dict__.pop(name, None)
+
+
+def _dont_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` in a placeholder step."""
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:

@@ -194,11 +194,15 @@ class ShardedDPStep(DPStep):
         bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         super().__init__(params, clipping, max_grad_norm, gamma, names, bucket_mb)
+        #: the next captured micro-batch is a placeholder run only to join FSDP's collectives (this
+        #: rank drew no example): it contributes nothing, exactly (set by the strategy)
+        self.discard_next = False
         if all_reduce is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             all_reduce = _all_reduce_sum
         #: sums a tensor over ranks in place (default: ``dist.all_reduce`` when there are several)
         self.all_reduce = all_reduce
 
+    @torch.no_grad()
     def clip_and_accumulate(self, engine: PerSampleEngine, scale: float, check_finite: bool = True) -> None:
         r"""Add the micro-batch's :math:`\sum_r \sum_i C_i g_i`, shard by shard, to the step's local sums.
 
@@ -206,7 +210,8 @@ class ShardedDPStep(DPStep):
         reduce-scatter is a collective that all ranks enter in the order of :attr:`params`.
         """
         self._refuse_gradients_from_autograd()
-        batch_size = engine.batch_size
+        batch_size = 0 if self.discard_next else engine.batch_size
+        self.discard_next = False
         if batch_size > 0:
             weights = self.clip_weights(engine, scale, check_finite)
             self.examples += batch_size
@@ -247,6 +252,7 @@ class ShardedDPStep(DPStep):
                 "the module that owns the parameter (call the layer), or give it a module of its own."
             )
 
+    @torch.no_grad()
     def privatize(
         self,
         *,

@@ -311,6 +311,15 @@ class DPAutoStrategy(DDPStrategy):
         self._noise_multiplier = float(sigma)
 
     @property
+    def verification_pending(self) -> bool:
+        """True until this fit's engine verification has run (see :meth:`verify_first_batch`)."""
+        return self._verify_pending
+
+    @verification_pending.setter
+    def verification_pending(self, pending: bool) -> None:
+        self._verify_pending = bool(pending)
+
+    @property
     def seed(self) -> int | None:
         """The seed of the noise and sampling streams of this fit (None in secure mode / before fit)."""
         return self._seed

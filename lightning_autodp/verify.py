@@ -325,12 +325,14 @@ def _engine_pass(
             if engine.needs_backward_root:
                 engine.set_backward_root(loss)
         size = engine.batch_size
-        raw_sq = engine.per_sample_squared_norms()
+        with torch.no_grad():  # as the strategy's DP step: no graph through the recorded activations
+            raw_sq = engine.per_sample_squared_norms()
         norms = raw_sq.double().sqrt() / scale
         if size == weights.numel():  # as the strategy passes them: on the norms' device and dtype
-            summed = layout.engine_sums(
-                engine, (weights / scale).to(raw_sq.device, raw_sq.dtype), engine.params
-            )
+            with torch.no_grad():
+                summed = layout.engine_sums(
+                    engine, (weights / scale).to(raw_sq.device, raw_sq.dtype), engine.params
+                )
     finally:
         engine.reset()
     return size, norms, summed

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lightning_autodp import DPFSDPStrategy, EngineVerificationError, PrivacyBudget  # noqa: E402
+from lightning_autodp import DPFSDPStrategy, EmptyBatch, EngineVerificationError, PrivacyBudget  # noqa: E402
 
 VOCAB, SEQ, DIM = 13, 5, 8
 
@@ -92,6 +92,17 @@ class Recorder(L.Callback):
             self.local_grads.append([local(p.grad).flatten().tolist() for p in pl_module.parameters()])
 
 
+class EmptyCounter(L.Callback):
+    """Which steps drew no example on this rank."""
+
+    def __init__(self):
+        self.empty_steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if isinstance(batch, EmptyBatch):
+            self.empty_steps.append(trainer.global_step)
+
+
 class BreakEngine(L.Callback):
     def on_train_start(self, trainer, pl_module):
         engine = trainer.strategy._engine
@@ -110,6 +121,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
     L.seed_everything(42, verbose=False)
     engine = os.environ.get("DP_ENGINE", "bk")
     recorder = Recorder(keep_local=(mode == "noise"))
+    empty_counter = EmptyCounter()
     callbacks: list = [recorder]
     kwargs = dict(
         accelerator="cpu",
@@ -153,6 +165,12 @@ def main(mode: str, devices: int, outdir: str) -> None:
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=2.0)
         loader = DataLoader(data(64), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
+    elif mode == "sparse":
+        # q = 2 / 20: a rank draws no example at about a third of the steps, the other rank often does
+        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=1.0)
+        loader = DataLoader(data(20), batch_size=1)
+        callbacks.append(empty_counter)
+        trainer = L.Trainer(strategy=strategy, max_steps=12, callbacks=callbacks, **kwargs)
     elif mode == "verify_broken":
         # every rank's engine reports norms twice too large: the sharded verification must refuse
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0)
@@ -200,6 +218,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
         "local_grads": recorder.local_grads,
         "global_step": trainer.global_step,
         "epsilon": budget.epsilon if budget is not None else None,
+        "empty_steps": empty_counter.empty_steps,
     }
     with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)

@@ -99,6 +99,16 @@ def test_noise_enters_every_shard_once(tmp_path):
     assert ranks[0]["local_grads"][0][0] != ranks[1]["local_grads"][0][0]
 
 
+def test_a_rank_without_examples_joins_the_sharded_step(tmp_path):
+    # FSDP gathers parameters with collectives in forward and backward: a rank whose Poisson sample is
+    # empty runs a placeholder example that adds nothing (without it, the other rank waits forever)
+    rank0, rank1 = run("sparse", 2, tmp_path)
+    assert rank0["steps"] == rank1["steps"] == 12
+    only_one_empty = set(rank0["empty_steps"]) ^ set(rank1["empty_steps"])
+    assert only_one_empty, "the seed gave no step where exactly one rank drew nothing"
+    assert rank0["params"] == rank1["params"]
+
+
 def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     rank0, rank1 = run("budget", 2, tmp_path)
     assert rank0["steps"] == rank1["steps"] > 0
