@@ -15,18 +15,21 @@ from lightning_autodp.audit import PrivacyAudit
 from lightning_autodp.callbacks import PrivacyBudget
 from lightning_autodp.checks import PrivacyCheckError
 from lightning_autodp.clipping import clip_factors
+from lightning_autodp.fsdp import DPFSDPStrategy
 from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch
 from lightning_autodp.strategy import DPAutoStrategy
 from lightning_autodp.verify import EngineVerificationError
 
 __version__ = "0.1.0.dev0"
 
-if DPAutoStrategy.strategy_name not in StrategyRegistry:
-    DPAutoStrategy.register_strategies(StrategyRegistry)
+for _strategy in (DPAutoStrategy, DPFSDPStrategy):
+    if _strategy.strategy_name not in StrategyRegistry:
+        _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "Accountant",
     "DPAutoStrategy",
+    "DPFSDPStrategy",
     "DistributedPoissonBatchSampler",
     "EmptyBatch",
     "EngineVerificationError",

@@ -45,6 +45,8 @@ import torch.distributed as dist
 from scipy import stats
 from torch import Tensor, nn
 
+from lightning_autodp.sharded import local_part
+
 if TYPE_CHECKING:
     from lightning_autodp.strategy import DPAutoStrategy
 
@@ -131,34 +133,50 @@ class FirstStepChecks:
         self._contributed: Tensor | None = None
         self._before: dict[nn.Parameter, tuple[float, float]] = {}
         self._scale_before: float | None = None
+        self._reduced = False
 
     # ------------------------------------------------------------------ hooks
 
-    def before_noise(self, summed: dict[nn.Parameter, Tensor], params: list[nn.Parameter]) -> None:
-        """Keep this rank's clipped sums (before noise) and which parameters got a contribution."""
+    def before_noise(
+        self, summed: dict[nn.Parameter, Tensor], params: list[nn.Parameter], reduced: bool = False
+    ) -> None:
+        """Keep the clipped sums (before noise) and which parameters got a contribution.
+
+        ``reduced``: the sums are already summed over ranks, each rank holding the shard of every
+        parameter it owns (dp_fsdp); otherwise they are this rank's own, full-size sums.
+        """
         if self.done:
             return
         self._check_all_trainable_handled(params)
+        self._reduced = reduced
         self._clipped = [
-            summed[p].detach().clone() if p in summed else torch.zeros_like(p, dtype=torch.float64)
+            local_part(summed[p]).detach().clone()
+            if p in summed
+            else torch.zeros_like(local_part(p), dtype=torch.float64)
             for p in params
         ]
-        self._contributed = torch.tensor([float(p in summed) for p in params], device=params[0].device)
+        device = local_part(params[0]).device
+        self._contributed = torch.tensor([float(p in summed) for p in params], device=device)
 
     def after_privatize(self, params: list[nn.Parameter], divisor: float, examples: float) -> None:
         """Check the noise that entered and the sampling rate; fingerprint the parameters."""
         if self.done or self._clipped is None:
             return
         strategy = self.strategy
-        clipped, contributed = self._reduce(self._clipped, self._contributed)
+        if self._reduced:
+            clipped, contributed = self._clipped, self._contributed
+        else:
+            clipped, contributed = self._reduce(self._clipped, self._contributed)
         sigma = float(strategy.noise_multiplier)  # type: ignore[arg-type]
         scaler = getattr(strategy.precision_plugin, "scaler", None)
         if sigma > 0:
             sq_sum, n = 0.0, 0
             for p, s in zip(params, clipped):
-                noise = p.grad.detach().to(torch.float64) * divisor - s.to(torch.float64)
+                noise = local_part(p.grad).detach().to(torch.float64) * divisor - s.to(torch.float64)
                 sq_sum += float(noise.square().sum())
                 n += noise.numel()
+            if self._reduced:  # each rank saw the noise of its own shards: check the whole world's
+                sq_sum, n = self._sum_over_ranks(sq_sum, n)
             if scaler is not None and not math.isfinite(sq_sum):
                 self._clipped = None  # inf/NaN: the GradScaler skips this step; check the next one
                 return
@@ -183,7 +201,7 @@ class FirstStepChecks:
             if float(group.get("lr", 1.0)) == 0.0:
                 continue
             for p in group["params"]:
-                if p not in self._before or p.grad is None or not bool(p.grad.any()):
+                if p not in self._before or p.grad is None or not bool(local_part(p.grad).any()):
                     continue
                 if _fingerprint(p) == self._before[p]:
                     raise PrivacyCheckError(
@@ -251,6 +269,14 @@ class FirstStepChecks:
             offset += s.numel()
         return out, flat[offset:]
 
+    def _sum_over_ranks(self, sq_sum: float, n: int) -> tuple[float, int]:
+        if not (self.strategy.world_size > 1 and dist.is_available() and dist.is_initialized()):
+            return sq_sum, n
+        device = self._contributed.device if self._contributed is not None else None
+        both = torch.tensor([sq_sum, float(n)], dtype=torch.float64, device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        return float(both[0]), int(both[1])
+
     def _names(self) -> dict[nn.Parameter, str]:
         module = self.strategy.lightning_module
         return {p: name for name, p in module.named_parameters()} if module is not None else {}
@@ -258,5 +284,5 @@ class FirstStepChecks:
 
 def _fingerprint(p: Tensor) -> tuple[float, float]:
     """Two float64 moments of a parameter: equal before and after a real update only by accident."""
-    x = p.detach().to(torch.float64)
+    x = local_part(p).detach().to(torch.float64)
     return float(x.sum()), float(x.square().sum())

@@ -54,7 +54,7 @@ def clip_factors(norms: Tensor, clipping: ClippingMode, max_grad_norm: float, ga
         >>> clip_factors(torch.tensor([0.5, 2.0]), "abadi", 1.0)
         tensor([1.0000, 0.5000])
     """
-    norms = norms.to(torch.float32)
+    norms = norms.to(torch.promote_types(norms.dtype, torch.float32))  # float64 norms stay float64
     if clipping == "auto_s":
         return max_grad_norm / (norms + gamma)
     if clipping == "auto_v":

@@ -171,6 +171,8 @@ class DPStep:
         params: the trainable parameters (the engine's), in a fixed order shared by all ranks.
         clipping, max_grad_norm, gamma: the clipping rule :math:`C_i` and :math:`R`
             (see :mod:`lightning_autodp.clipping`).
+        names: parameter names by ``id(param)``, used in error messages.
+        bucket_mb: the largest flat buffer (megabytes) that a reduction over ranks packs.
 
     Example (one process, no Lightning)::
 
@@ -182,16 +184,32 @@ class DPStep:
         optimizer.step()
     """
 
+    #: under data parallelism one rank adds the noise to the whole sum before the all-reduce
+    every_rank_draws_noise = False
+    #: :attr:`summed` holds this rank's own sums until :meth:`privatize` reduces them
+    sums_are_reduced = False
+
     def __init__(
-        self, params: Sequence[nn.Parameter], clipping: ClippingMode, max_grad_norm: float, gamma: float
+        self,
+        params: Sequence[nn.Parameter],
+        clipping: ClippingMode,
+        max_grad_norm: float,
+        gamma: float,
+        names: dict[int, str] | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         self.params = list(params)
+        #: the largest flat buffer a reduction of the sums packs, in megabytes
+        self.bucket_mb = bucket_mb
+        #: parameter names by ``id``, for messages
+        self.names = names or {}
         self.clipping = clipping
         self.max_grad_norm = max_grad_norm
         self.gamma = gamma
         self.summed: dict[nn.Parameter, Tensor] = {}
         self.examples = 0
 
+    @torch.no_grad()
     def clip_and_accumulate(self, engine: PerSampleEngine, scale: float, check_finite: bool = True) -> None:
         r"""Add the captured micro-batch's :math:`\sum_i C_i g_i` to the step's sum, then reset the engine.
 
@@ -202,19 +220,23 @@ class DPStep:
         """
         batch_size = engine.batch_size
         if batch_size > 0:
-            norms = engine.per_sample_squared_norms().sqrt() / scale
-            if check_finite and not torch.isfinite(norms).all():
-                raise FloatingPointError(
-                    "A per-example gradient norm is NaN or inf. dp_auto stops rather than take noise-only "
-                    "steps: lower the learning rate or check the data."
-                )
-            factors = clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
-            engine.accumulate_weighted_sum(factors / scale, self.summed)
+            engine.accumulate_weighted_sum(self.clip_weights(engine, scale, check_finite), self.summed)
             self.examples += batch_size
         engine.reset()
         for p in self.params:
             p.grad = None
 
+    def clip_weights(self, engine: PerSampleEngine, scale: float, check_finite: bool = True) -> Tensor:
+        r"""The weights :math:`C_i / s` of the captured micro-batch's raw per-example gradients."""
+        norms = engine.per_sample_squared_norms().sqrt() / scale
+        if check_finite and not torch.isfinite(norms).all():
+            raise FloatingPointError(
+                "A per-example gradient norm is NaN or inf. dp_auto stops rather than take noise-only "
+                "steps: lower the learning rate or check the data."
+            )
+        return clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma) / scale
+
+    @torch.no_grad()
     def privatize(
         self,
         *,

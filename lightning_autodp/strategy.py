@@ -39,6 +39,7 @@ from lightning_autodp.sampling import EmptyBatch, check_poisson_compatible, pois
 from lightning_autodp.verify import (
     DEFAULT_EXAMPLES,
     EngineVerificationError,
+    GradientLayout,
     check_verify_args,
     verify_engine,
 )
@@ -47,7 +48,8 @@ from lightning_autodp.verify import (
 AUTO = "auto"
 _DEFAULT_NOISE_MULTIPLIER = 1.0
 _RECURRENT_LAYERS = (nn.RNNBase,)
-_CHECKPOINT_KEY = "dp_auto"
+#: the checkpoint entry holding :meth:`DPAutoStrategy.dp_state_dict`
+CHECKPOINT_KEY = "dp_auto"
 
 
 class DPAutoStrategy(DDPStrategy):
@@ -166,6 +168,8 @@ class DPAutoStrategy(DDPStrategy):
     """
 
     strategy_name = "dp_auto"
+    #: the framework-free DP step (:class:`~lightning_autodp.core.DPStep`: all-reduce of full sums)
+    dp_step_class: type[DPStep] = DPStep
 
     def __init__(
         self,
@@ -321,6 +325,15 @@ class DPAutoStrategy(DDPStrategy):
         self._noise_multiplier = float(sigma)
 
     @property
+    def verification_pending(self) -> bool:
+        """True until this fit's engine verification has run (see :meth:`verify_first_batch`)."""
+        return self._verify_pending
+
+    @verification_pending.setter
+    def verification_pending(self, pending: bool) -> None:
+        self._verify_pending = bool(pending)
+
+    @property
     def seed(self) -> int | None:
         """The seed of the noise and sampling streams of this fit (None in secure mode / before fit)."""
         return self._seed
@@ -372,14 +385,27 @@ class DPAutoStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         _validate_layers(module)
-        if self.world_size > 1 and _compat.distributed_is_initialized():
-            _compat.sync_module_states(module)  # what DDP's constructor would do: rank 0's weights everywhere
+        self.prepare_module(module)
         self._engine = make_engine(self.engine, module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
-        self._dp_step = DPStep(self._engine.params, self.clipping, self.max_grad_norm, self.gamma)
+        names = {id(p): n for n, p in module.named_parameters()}
+        self._dp_step = self.dp_step_class(
+            self._engine.params, self.clipping, self.max_grad_norm, self.gamma, names=names,
+            bucket_mb=self.bucket_cap_mb,
+        )  # fmt: skip
         self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
         self._checks = FirstStepChecks(self) if self.run_checks else None  # audit/checks
         return model
+
+    def prepare_module(self, module: pl.LightningModule) -> None:
+        """Get the module ready for the engine, in place, before the optimizers are configured.
+
+        dp_auto: broadcast rank 0's parameters and buffers, as DDP's constructor would. Subclasses
+        that distribute the module differently (:class:`~lightning_autodp.DPFSDPStrategy` shards
+        it) override this.
+        """
+        if self.world_size > 1 and _compat.distributed_is_initialized():
+            _compat.sync_module_states(module)
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
         module = trainer.lightning_module
@@ -543,20 +569,23 @@ class DPAutoStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         """Add the privacy ledger and the seed: a resumed run is accounted and drawn as the original."""
-        checkpoint[_CHECKPOINT_KEY] = self.dp_state_dict()
+        checkpoint[CHECKPOINT_KEY] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get(_CHECKPOINT_KEY)
-        if state is not None:
-            self.load_dp_state_dict(state)
-        self._refuse_resume_without_budget(checkpoint)
+        self.restore_dp_state(checkpoint)
         return checkpoint
 
-    def _refuse_resume_without_budget(self, checkpoint: dict[str, Any]) -> None:
-        """A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported."""
+    def restore_dp_state(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the privacy state of a loaded checkpoint; refuse a budgeted run without a budget.
+
+        A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported.
+        """
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is not None:
+            self.load_dp_state_dict(state)
         saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith("PrivacyBudget")]
         module = self.lightning_module
         trainer = module.trainer if module is not None else None
@@ -578,32 +607,40 @@ class DPAutoStrategy(DDPStrategy):
         """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code."""
         self._close_capture()
         batch = args[0] if args else kwargs.get("batch")
-        if isinstance(batch, EmptyBatch):
+        empty = isinstance(batch, EmptyBatch)
+        # -- verify (lightning_autodp.verify): engine vs a per-example loop, before the first update
+        if self._verify_pending:
+            with self.precision_plugin.train_step_context():
+                self._verify_pending = not self.verify_first_batch(args, kwargs, empty=empty)
+        # -- end verify
+        if empty:
             # No example drew this micro-batch: the step still happens (noise only). A graph-less
             # zero lets Lightning's closure run backward; nothing is logged for it.
             return torch.zeros((), device=self.root_device, requires_grad=True)
         assert self._engine is not None
-        # -- verify (lightning_autodp.verify): engine vs a per-example loop, before the first update
-        if self._verify_pending:
-            self._verify_pending = False
-            with self.precision_plugin.train_step_context():
-                self._verify_on_every_rank(args, kwargs)
-        # -- end verify
         self._capture = contextlib.ExitStack()
         self._engine.expect_batch_size(infer_batch_size(batch))  # engines: ids shared by the batch
         self._capture.enter_context(self._engine.capturing())
         return super().training_step(*args, **kwargs)
 
-    def _verify_on_every_rank(self, args: tuple, kwargs: dict) -> None:
-        """Run :func:`verify_engine` on this rank's batch; under data parallelism every rank stops if
-        any rank's verification failed (a rank that raised alone would leave the others waiting in
-        the first all-reduce of the clipped sums until the process group times out)."""
+    def verify_first_batch(
+        self, args: tuple, kwargs: dict, *, empty: bool = False, layout: GradientLayout | None = None
+    ) -> bool:
+        """Run :func:`verify_engine` on this rank's micro-batch; True once verified, False to wait.
+
+        An empty Poisson micro-batch has nothing to verify: the next one is used. Under data
+        parallelism every rank stops if any rank's verification failed (a rank that raised alone
+        would leave the others waiting in the first all-reduce until the process group times out).
+        ``layout`` tells how gradients are read (sharded strategies read shards).
+        """
+        if empty:
+            return False
         assert self._engine is not None
         failure: Exception | None = None
         try:
             verify_engine(
                 self.lightning_module, self._engine, args, kwargs,
-                loss_reduction=self.loss_reduction, examples=self.verify_examples,
+                loss_reduction=self.loss_reduction, examples=self.verify_examples, layout=layout,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks too
             failure = err
@@ -617,6 +654,7 @@ class DPAutoStrategy(DDPStrategy):
                 )
         if failure is not None:
             raise failure
+        return True
 
     @override
     def backward(
@@ -718,14 +756,15 @@ class DPAutoStrategy(DDPStrategy):
         if self.canaries is not None:  # audit/checks: virtual examples through the same clipping
             self.canaries.add_to_sum(dp_step.summed, params, self.clip_factors, self.global_rank)
         if self._checks is not None:  # audit/checks
-            self._checks.before_noise(dp_step.summed, params)
+            self._checks.before_noise(dp_step.summed, params, reduced=dp_step.sums_are_reduced)
         noise.start_step(self.ledger.steps)
         distributed = self.world_size > 1 and _compat.distributed_is_initialized()
         scaler = _compat.grad_scaler(self.precision_plugin)
         divisor, examples = dp_step.privatize(
             sigma=sigma,
             q=self._sample_rate,
-            noise=noise if self.global_rank == 0 else None,
+            # one rank draws the noise of the whole sum, or (sharded) every rank that of its own shard
+            noise=noise if dp_step.every_rank_draws_noise or self.global_rank == 0 else None,
             ledger=self.ledger,
             divisor=self.expected_batch_size if self.poisson_sampling else None,
             reduce=_all_reduce_sum if distributed else None,

@@ -52,13 +52,14 @@ class FitSummary:
     accountant: str = DEFAULT_ACCOUNTANT
     from_budget: bool = False
     poisson_sampling: bool = True
+    strategy: str = "dp_auto"  # the registered name of the strategy that ran
 
 
 def format_fit_summary(s: FitSummary) -> str:
     """The end-of-fit line: steps, why it stopped, sigma, q, epsilon at delta, and where they come from."""
     q = "unknown" if s.sample_rate is None else f"{s.sample_rate:.4g}"
     head = (
-        f"dp_auto: fit ended after {s.steps} steps ({s.stop_reason}): "
+        f"{s.strategy}: fit ended after {s.steps} steps ({s.stop_reason}): "
         f"sigma={s.noise_multiplier:.4g}, q={q}, "
     )
     if s.epsilon is None:
@@ -114,6 +115,7 @@ def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
         "sample_rate": q,
         "stop_reason": stop_reason(trainer, budget),
         "poisson_sampling": bool(strategy.poisson_sampling),
+        "strategy": str(getattr(strategy, "strategy_name", "dp_auto")),
     }
     if budget is not None:
         return FitSummary(
@@ -167,7 +169,8 @@ def format_start_line(strategy: Any, planned_steps: float) -> str:
         clipping += f", gamma={strategy.gamma:g}"
     planned = "until stopped" if not math.isfinite(planned_steps) else f"{int(planned_steps)} steps planned"
     return (
-        f"dp_auto: sigma={sigma_text}, q={'unknown' if q is None else f'{q:.4g}'}, "
+        f"{getattr(strategy, 'strategy_name', 'dp_auto')}: sigma={sigma_text}, "
+        f"q={'unknown' if q is None else f'{q:.4g}'}, "
         f"N={strategy.dataset_size}, {planned}; engine={engine}, {clipping}, "
         f"poisson_sampling={strategy.poisson_sampling}, secure_mode={getattr(strategy, 'secure_mode', False)}"
     )

@@ -259,8 +259,33 @@ def _loss_of(output: Any) -> Tensor | None:
     return None
 
 
+class GradientLayout:
+    """How the verification reads gradients: whole tensors on every rank (the default).
+
+    :class:`~lightning_autodp.sharded.ShardedLayout` reads this rank's shards of sharded parameters
+    instead; the comparison is then made shard by shard, and norms are summed over ranks.
+    """
+
+    def reference_grads(self, loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+        """The gradient of ``loss`` for each of ``params`` (zeros where it has none)."""
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, params)]
+
+    def squared_norm(self, grads: list[Tensor]) -> Tensor:
+        """``||g||^2`` over all parameters, in float64."""
+        return sum((gi.double() ** 2).sum() for gi in grads)  # type: ignore[return-value]
+
+    def engine_sums(
+        self, engine: PerSampleEngine, weights: Tensor, params: list[nn.Parameter]
+    ) -> dict[nn.Parameter, Tensor]:
+        """The engine's ``sum_i weights[i] * g_i[p]`` in the layout of :meth:`reference_grads`."""
+        summed: dict[nn.Parameter, Tensor] = {}
+        engine.accumulate_weighted_sum(weights, summed)
+        return summed
+
+
 def _reference(
-    step: Callable[[Any], Any], batch: Any, k: int, params: list[nn.Parameter]
+    step: Callable[[Any], Any], batch: Any, k: int, params: list[nn.Parameter], layout: GradientLayout
 ) -> tuple[Tensor, list[list[Tensor]]] | None:
     """Per-example norms ``n_i`` and gradients ``g_i``: each example alone, its own backward.
 
@@ -271,15 +296,19 @@ def _reference(
         loss = _loss_of(step(slice_batch(batch, i, i + 1)))
         if loss is None:
             return None
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, params)]
+        g = layout.reference_grads(loss, params)
         grads.append(g)
-        norms.append(torch.sqrt(sum((gi.double() ** 2).sum() for gi in g)))
+        norms.append(torch.sqrt(layout.squared_norm(g)))
     return torch.stack(norms), grads
 
 
 def _engine_pass(
-    engine: PerSampleEngine, step: Callable[[Any], Any], sub_batch: Any, weights: Tensor, scale: float
+    engine: PerSampleEngine,
+    step: Callable[[Any], Any],
+    sub_batch: Any,
+    weights: Tensor,
+    scale: float,
+    layout: GradientLayout,
 ) -> tuple[int, Tensor, dict[nn.Parameter, Tensor]]:
     """The engine's batch size, norms ``||g_i||`` and ``sum_i w_i g_i`` in true units (raw = s * g_i)."""
     for p in engine.params:
@@ -296,10 +325,14 @@ def _engine_pass(
             if engine.needs_backward_root:
                 engine.set_backward_root(loss)
         size = engine.batch_size
-        raw_sq = engine.per_sample_squared_norms()
+        with torch.no_grad():  # as the strategy's DP step: no graph through the recorded activations
+            raw_sq = engine.per_sample_squared_norms()
         norms = raw_sq.double().sqrt() / scale
         if size == weights.numel():  # as the strategy passes them: on the norms' device and dtype
-            engine.accumulate_weighted_sum((weights / scale).to(raw_sq.device, raw_sq.dtype), summed)
+            with torch.no_grad():
+                summed = layout.engine_sums(
+                    engine, (weights / scale).to(raw_sq.device, raw_sq.dtype), engine.params
+                )
     finally:
         engine.reset()
     return size, norms, summed
@@ -313,6 +346,7 @@ def verify_engine(
     *,
     loss_reduction: str = "mean",
     examples: int = DEFAULT_EXAMPLES,
+    layout: GradientLayout | None = None,
 ) -> VerificationResult:
     """Compare ``engine`` with a per-example loop on the first ``examples`` of a micro-batch.
 
@@ -323,6 +357,7 @@ def verify_engine(
             is ``step_args[0]`` (or ``step_kwargs["batch"]``).
         loss_reduction: ``"mean"`` or ``"sum"``, as in :class:`~lightning_autodp.DPAutoStrategy`.
         examples: how many examples to check (fewer if the micro-batch is smaller).
+        layout: how gradients are read (:class:`GradientLayout`, the default: whole tensors).
 
     Raises:
         EngineVerificationError: the engine disagrees with the loop; nothing was updated.
@@ -345,8 +380,10 @@ def verify_engine(
         return module.training_step(**{**step_kwargs, "batch": b})  # type: ignore[operator]
 
     params = engine.params
+    layout = layout or GradientLayout()
     with _isolated(module, params):
-        reference, again = _reference(step, batch, k, params), _reference(step, batch, 1, params)
+        reference = _reference(step, batch, k, params, layout)
+        again = _reference(step, batch, 1, params, layout)
         if reference is None or again is None:
             return _skip(
                 f"dp_auto could not verify engine={engine.name!r}: training_step returned no loss tensor."
@@ -360,7 +397,7 @@ def verify_engine(
             )
         weights = torch.arange(1, k + 1, dtype=torch.float64) / (k * ref_norms.clamp_min(1e-30))
         scale = 1.0 / k if loss_reduction == "mean" else 1.0
-        size, norms, summed = _engine_pass(engine, step, slice_batch(batch, 0, k), weights, scale)
+        size, norms, summed = _engine_pass(engine, step, slice_batch(batch, 0, k), weights, scale, layout)
     return _compare(engine, module, params, k, size, norms, summed, ref_norms, ref_grads, weights)
 
 

@@ -108,6 +108,21 @@ class PerSampleEngine(ABC):
         are created (see :func:`add_into`).
         """
 
+    def weighted_sums_in_order(
+        self, weights: Tensor, params: list[nn.Parameter]
+    ) -> Iterator[tuple[nn.Parameter, Tensor | None]]:
+        """``(p, sum_i weights[i] * g_i[p])`` for each ``p`` of ``params``, in that order (None: no gradient).
+
+        For callers that must treat the parameters in an order shared by all ranks (a collective per
+        parameter, as the sharded step's reduce-scatter). The default computes every sum first
+        (:meth:`accumulate_weighted_sum`) and hands them out one by one; engines that can compute one
+        parameter's sum at a time override it, so only one full-size sum exists at once.
+        """
+        summed: dict[nn.Parameter, Tensor] = {}
+        self.accumulate_weighted_sum(weights, summed)
+        for p in params:
+            yield p, summed.pop(p, None)
+
     @abstractmethod
     def reset(self) -> None:
         """Drop everything captured for the current micro-batch."""

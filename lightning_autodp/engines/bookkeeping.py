@@ -353,15 +353,27 @@ class BookKeepingEngine(PerSampleEngine):
         return total
 
     def accumulate_weighted_sum(self, weights: Tensor, summed: dict[nn.Parameter, Tensor]) -> None:
-        for param, rec in self._records.items():
-            acc = weighted_sum_of_weight(param, rec.weights, weights) if rec.weights else None
-            if rec.vectors:
-                grads = vector_grads(param, rec.vectors)
-                w = weights.to(device=grads.device, dtype=grads.dtype)
-                vec = torch.tensordot(w, grads, dims=1)
-                acc = vec if acc is None else acc + vec.view(acc.shape)
+        for param in self._records:
+            acc = self._weighted_sum_of(param, weights)
             if acc is not None:
-                add_into(summed, param, acc.view(param.shape))
+                add_into(summed, param, acc)
+
+    def weighted_sums_in_order(
+        self, weights: Tensor, params: list[nn.Parameter]
+    ) -> Iterator[tuple[nn.Parameter, Tensor | None]]:
+        # One parameter's sum at a time, from the records every layer kept.
+        for param in params:
+            yield param, self._weighted_sum_of(param, weights) if param in self._records else None
+
+    def _weighted_sum_of(self, param: nn.Parameter, weights: Tensor) -> Tensor | None:
+        rec = self._records[param]
+        acc = weighted_sum_of_weight(param, rec.weights, weights) if rec.weights else None
+        if rec.vectors:
+            grads = vector_grads(param, rec.vectors)
+            w = weights.to(device=grads.device, dtype=grads.dtype)
+            vec = torch.tensordot(w, grads, dims=1)
+            acc = vec if acc is None else acc + vec.view(acc.shape)
+        return None if acc is None else acc.view(param.shape)
 
     def reset(self) -> None:
         self._records.clear()
@@ -478,6 +490,12 @@ class GhostClippingEngine(BookKeepingEngine):
                 self._second_pass = None
                 self._root = None
         super().accumulate_weighted_sum(weights, summed)  # vector gradients
+
+    def weighted_sums_in_order(
+        self, weights: Tensor, params: list[nn.Parameter]
+    ) -> Iterator[tuple[nn.Parameter, Tensor | None]]:
+        # The sums arrive during the second backward, in backward order: collect, then hand out.
+        return PerSampleEngine.weighted_sums_in_order(self, weights, params)
 
     def reset(self) -> None:
         super().reset()

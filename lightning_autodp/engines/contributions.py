@@ -21,6 +21,7 @@ tensors and return tensors, and are tested against a per-example loop in float64
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +118,7 @@ def _ghost_cost(c1: Contribution, c2: Contribution, n_rows: int, n_cols: int) ->
 def squared_norms_of_weight(param: nn.Parameter, contributions: list[Contribution]) -> Tensor:
     """Per-example ``||g_i[param]||^2``: ghost norms or per-layer materialisation, by cost."""
     n_rows = param.shape[0]
-    n_cols = param[0].numel() if param.dim() > 1 else 1
+    n_cols = math.prod(param.shape[1:])  # from the shape: no element of a sharded (DTensor) parameter is read
     row_blocks = {c.rows for c in contributions}
     blocks_overlap = len(row_blocks) > 1 and (
         None in row_blocks or _overlapping(sorted(r for r in row_blocks if r is not None))

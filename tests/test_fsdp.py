@@ -1,0 +1,205 @@
+"""dp_fsdp on two CPU processes (gloo, FSDP2's fully_shard): the same DP step as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_autodp import DPFSDPStrategy
+from tests.fsdp_worker import TinyLM, data
+from tests.reference import per_example_gradients, reference_clipped_mean
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def run(mode: str, devices: int, outdir: Path, engine: str = "bk", **env_vars: str) -> list[dict]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DP_ENGINE": engine, "OMP_NUM_THREADS": "1", **env_vars}
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), mode, str(devices), str(outdir)],
+        timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"fsdp_worker {mode} on {devices} process(es) exited {proc.returncode}:\n{tail}")
+    return [json.loads((outdir / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+
+
+def _rel(a, b) -> float:
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def reference_first_gradient() -> list[float]:
+    """(1/16) sum_i C_i g_i over all 16 examples, AUTO-S with R = 0.5: one backward per example."""
+    model = TinyLM().double()
+    ids, y = data(16).tensors
+    grads = per_example_gradients(
+        model, lambda net, i: F.cross_entropy(net(ids[i : i + 1]), y[i : i + 1]), 16
+    )
+    mean = reference_clipped_mean(grads, "auto_s", 0.5, 0.01, batch_size=16)
+    return torch.cat([g.flatten() for g in mean]).tolist()
+
+
+@pytest.mark.parametrize("engine", ["bk", "ghost"])
+def test_sharded_update_equals_the_per_example_loop_on_the_union(tmp_path, engine):
+    rank0, rank1 = run("exact", 2, tmp_path, engine)
+    assert rank0["sharded"] and rank1["sharded"] and rank0["steps"] == rank1["steps"] == 2
+    assert rank0["fsdp_units"] == 3  # the default policy: each of the 2 blocks, and the root
+    # the gradient the optimizer saw at the first step (gathered from the shards)
+    assert _rel(rank0["grads"][0], reference_first_gradient()) < 1e-10
+    assert rank0["params"] == rank1["params"]
+    if engine == "bk":  # the second step too: the whole run equals dp_fsdp on one process (unsharded)
+        one = run("exact", 1, tmp_path / "one", engine)[0]
+        assert not one["sharded"]
+        assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+def test_accumulation_and_the_users_own_units_equal_one_process(tmp_path):
+    rank0, _ = run("accumulate", 2, tmp_path)
+    assert rank0["fsdp_units"] == 2  # configure_model's unit (the first block) is kept, plus the root
+    one = run("accumulate", 1, tmp_path / "one")[0]
+    assert rank0["steps"] == one["steps"] == 1
+    assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+def test_bf16_mixed_precision_update_is_the_clipped_mean_to_bf16_accuracy(tmp_path):
+    rank0, rank1 = run("bf16", 2, tmp_path)
+    assert rank0["sharded"] and rank0["grads"] == rank1["grads"]
+    # bf16 keeps about 3 digits; a missing or doubled reduction is off by 50% or 100%
+    assert _rel(rank0["grads"][0], reference_first_gradient()) < 3e-2
+
+
+def test_noise_enters_every_shard_once(tmp_path):
+    ranks = run("noise", 2, tmp_path)
+    sigma, max_grad_norm = 1.0, 2.0
+    expected = sigma * max_grad_norm / ranks[0]["expected_batch_size"]
+    for rank in ranks:
+        assert rank["sharded"]
+        for step in rank["local_grads"]:
+            shard = torch.tensor([x for p in step for x in p], dtype=torch.float64)
+            assert shard.numel() > 1000
+            # 0 if this rank's shard got no noise, sqrt(2) times too much if noise entered twice
+            assert abs(shard.std().item() / expected - 1) < 0.05
+    # each rank draws its own shard's noise: the gathered gradients agree, the shards do not repeat
+    assert ranks[0]["grads"] == ranks[1]["grads"]
+    assert ranks[0]["local_grads"][0][0] != ranks[1]["local_grads"][0][0]
+
+
+def test_a_rank_without_examples_joins_the_sharded_step(tmp_path):
+    # FSDP gathers parameters with collectives in forward and backward: a rank whose Poisson sample is
+    # empty runs a placeholder example that adds nothing (without it, the other rank waits forever)
+    rank0, rank1 = run("sparse", 2, tmp_path)
+    assert rank0["steps"] == rank1["steps"] == 12
+    only_one_empty = set(rank0["empty_steps"]) ^ set(rank1["empty_steps"])
+    assert only_one_empty, "the seed gave no step where exactly one rank drew nothing"
+    assert rank0["params"] == rank1["params"]
+
+
+def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
+    rank0, rank1 = run("budget", 2, tmp_path)
+    assert rank0["steps"] == rank1["steps"] > 0
+    assert rank0["epsilon"] == rank1["epsilon"] <= 2.0
+    assert rank0["params"] == rank1["params"]
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded_checkpoint", "consolidated_checkpoint"])
+def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_path, sharded):
+    flag = {"DP_SHARDED_CHECKPOINT": "1" if sharded else "0"}
+    uninterrupted = run("uninterrupted", 2, tmp_path / "a", **flag)
+    run("interrupted", 2, tmp_path / "b", **flag)
+    resumed = run("resumed", 2, tmp_path / "b", **flag)
+    assert resumed[0]["checkpoint_is_dir"] is sharded
+    assert uninterrupted[0]["steps"] == resumed[0]["steps"] == 10
+    assert resumed[0]["params"] == resumed[1]["params"]
+    assert _rel(resumed[0]["params"], uninterrupted[0]["params"]) < 1e-12
+    assert resumed[0]["epsilon"] == pytest.approx(uninterrupted[0]["epsilon"], rel=1e-12)
+
+
+def test_sharded_verification_refuses_a_wrong_engine_on_every_rank(tmp_path):
+    ranks = run("verify_broken", 2, tmp_path)
+    for rank in ranks:
+        assert rank["steps"] == 0
+        assert "disagrees with a per-example loop" in rank["refused"] or "other rank" in rank["refused"]
+
+
+def test_hooks_engine_is_refused():
+    with pytest.raises(ValueError, match="engine='bk' or 'ghost'"):
+        DPFSDPStrategy(engine="hooks")
+
+
+def test_a_layer_without_a_one_backward_rule_is_refused_by_name():
+    class Scale(nn.Module):  # a parameter used by a module with no layer rule
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 3), Scale())
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        strategy=DPFSDPStrategy(noise_multiplier=1.0), accelerator="cpu", devices=1, max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    with pytest.raises(ValueError, match=r"no one-backward rule for net\.1 \(Scale\)"):
+        trainer.fit(Model(), loader)
+
+
+def _packed_layout_worker(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_autodp.sharded import reduce_scatter_bucket, reduce_scatter_to_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(5, 3), (1,), (4,), (3, 2, 2), (7,), (2, 5), (2,)]
+    params = [distribute_tensor(torch.zeros(s, dtype=torch.float64), mesh, [Shard(0)]) for s in shapes]
+    g = torch.Generator().manual_seed(rank)
+    fulls = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    packed = reduce_scatter_bucket(params, fulls)
+    for p, full, got in zip(params, fulls, packed):
+        # the DTensor path (Partial -> Shard redistribute) is the reference for the packed layout
+        expected = reduce_scatter_to_shard(full, p)
+        assert got.shape == p.to_local().shape == expected.shape, (got.shape, p.to_local().shape)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    dist.destroy_process_group()
+
+
+def test_packed_reduce_scatter_matches_the_dtensor_layout():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # 3 ranks: shards of 2, 2 and 1 rows, of 1, 1 and 0, empty shards (shapes (5, 3), (2,), (1,))
+    mp.spawn(_packed_layout_worker, args=(3, port), nprocs=3)
