@@ -47,7 +47,7 @@ from lightning_autodp import PrivacyBudget  # noqa: E402
 from lightning_autodp.report import PrivacyReport  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from example_utils import HelpFormatter  # noqa: E402
+from example_utils import EpochLine, HelpFormatter  # noqa: E402
 from text_classification import TOPICS, BBCNewsDataModule, minilm_path, print_results  # noqa: E402
 
 SMOKE = [
@@ -133,9 +133,12 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
     model = LoRAClassifier(rank=args.rank, lr=args.lr, head_lr=args.head_lr)
     name = "lora_text_classification_" + ("dp" if private else "nonprivate")
     callbacks: list[L.Callback] = []
+    budget = None
     if private:
         budget = PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta)
         callbacks = [budget, PrivacyReport("val_acc")]
+    # one line per epoch instead of the progress bar (whose redraws show v_num: 0.000)
+    callbacks.append(EpochLine("DP" if private else "non-private", ("val_acc",), budget=budget))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -147,7 +150,7 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         log_every_n_steps=5,
-        enable_progress_bar=not args.smoke,
+        enable_progress_bar=False,
     )
     start = time.perf_counter()
     trainer.fit(model, dm)

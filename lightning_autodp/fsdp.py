@@ -83,6 +83,13 @@ class DPFSDPStrategy(DPAutoStrategy):
     Checkpoints hold the privacy ledger beside the model and optimizer state, sharded (default) or
     consolidated; either resumes on any number of ranks.
 
+    Every rank takes part in every step's collectives: a rank whose Poisson sample is empty runs the
+    first example of its dataset through ``training_step`` (nothing logged) and discards it exactly,
+    so that FSDP's parameter gathers match on all ranks. The engine verification runs on the same
+    examples on every rank. Not supported yet: :class:`~lightning_autodp.audit.PrivacyAudit` (use
+    dp_auto), meshes with replicated dimensions (HSDP), and ``ghost`` keeps one micro-batch's
+    full-size clipped sums until its second backward ends (``bk`` holds at most one bucket).
+
     Example::
 
         import lightning as L

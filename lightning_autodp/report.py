@@ -36,7 +36,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_autodp.audit.canaries import audit_lower_bound
@@ -402,6 +402,7 @@ class PrivacyReport(Callback):
             delta=getattr(budget, "delta", None),
             audit_lower_bound=audit_lower_bound(trainer),  # audit: a PrivacyAudit's bound, if one ran
         )
+        rank_zero_info(f"PrivacyReport: wrote {self.path}")
 
     @override
     def state_dict(self) -> dict[str, Any]:

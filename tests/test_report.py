@@ -14,6 +14,7 @@ from matplotlib.image import imread
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_autodp.report as report_module
 from lightning_autodp.report import (
     PrivacyReport,
     _pad_single_x,
@@ -126,13 +127,18 @@ def test_draw_without_epsilon_names_the_fix(tmp_path: Path) -> None:
         draw_privacy_report([], [(0, 0.5)], tmp_path / "r.png")
 
 
-def test_report_at_end_of_fit_and_redraw_from_csv_and_checkpoint(tmp_path: Path) -> None:
+def test_report_at_end_of_fit_and_redraw_from_csv_and_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     budget, report = FakeBudget(), PrivacyReport(metric="val_acc")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    said: list[str] = []
+    monkeypatch.setattr(report_module, "rank_zero_info", said.append)
     trainer = _fit(tmp_path, [budget, report, ckpt], epochs=3)
 
-    # Written at the end of fit, into the logger's folder.
+    # Written at the end of fit, into the logger's folder, and the path is said.
     assert report.path == Path(trainer.log_dir) / "privacy_report.png"
+    assert said == [f"PrivacyReport: wrote {report.path}"]
     _assert_png(report.path, width=1500)
 
     # The CSV holds what the callbacks logged, one value per epoch.
