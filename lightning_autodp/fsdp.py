@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -45,7 +45,7 @@ from lightning_autodp.engines.bookkeeping import BookKeepingEngine
 from lightning_autodp.sampling import EmptyBatch
 from lightning_autodp.sharded import ShardedDPStep, ShardedLayout, check_shardable
 from lightning_autodp.strategy import CHECKPOINT_KEY, DPAutoStrategy
-from lightning_autodp.verify import GradientLayout, slice_batch
+from lightning_autodp.verify import GradientLayout, size_or_reason, slice_batch
 
 #: the engines whose per-example work needs no per-example gradient (so none is sharded)
 SHARDED_ENGINES = ("auto", "bk", "ghost")
@@ -189,7 +189,15 @@ class DPFSDPStrategy(DPAutoStrategy):
             return super().verify_first_batch(args, kwargs, empty=empty, layout=layout)
         batch = args[0] if args else kwargs.get("batch")
         sizes: list[Any] = [None] * self.world_size
-        dist.all_gather_object(sizes, 0 if empty else _size(batch))
+        dist.all_gather_object(sizes, (0, None) if empty else size_or_reason(batch))
+        reason = next((why for _, why in sizes if why is not None), None)
+        if reason is not None:  # every rank skips together (none may wait in a collective alone)
+            rank_zero_warn(
+                f"dp_fsdp could not verify engine={self.engine!r}: {reason}. "
+                "Training continues without the check."
+            )
+            return True
+        sizes = [n for n, _ in sizes]
         source = next((r for r, n in enumerate(sizes) if n), None)
         if source is None:
             return False  # every rank drew an empty micro-batch: verify on the next one
@@ -378,12 +386,6 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
         if isinstance(sub, nn.ModuleList):
             blocks.extend(b for b in sub if any(p.requires_grad for p in b.parameters()))
     return blocks
-
-
-def _size(batch: Any) -> int:
-    from lightning_autodp.verify import batch_size_of
-
-    return batch_size_of(batch)
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> None:

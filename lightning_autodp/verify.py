@@ -155,6 +155,14 @@ def batch_size_of(batch: Any) -> int:
     return size
 
 
+def size_or_reason(batch: Any) -> tuple[int | None, str | None]:
+    """``(batch size, None)``, or ``(None, why the batch cannot be cut into examples)``."""
+    try:
+        return batch_size_of(batch), None
+    except _Unsliceable as why:
+        return None, str(why)
+
+
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Examples ``start:stop`` of ``batch``: every tensor leaf whose dim 0 is the batch size is sliced."""
     size = batch_size_of(batch)

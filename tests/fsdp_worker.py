@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import sys
+import warnings
 
 import lightning as L
 import torch
@@ -72,9 +73,13 @@ class TinyLM(L.LightningModule):
         return self.head(h.mean(1))
 
     def training_step(self, batch, batch_idx):
-        ids, y = batch
+        ids, y = batch[0], batch[1]  # a third element (strings) in the "unsliceable" mode
         loss = F.cross_entropy(self(ids), y)
         return 0.0 * loss if self.zero_gradient else loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, y = batch
+        self.log("val_loss", F.cross_entropy(self(ids), y), sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
@@ -171,6 +176,13 @@ def main(mode: str, devices: int, outdir: str) -> None:
         loader = DataLoader(data(20), batch_size=1)
         callbacks.append(empty_counter)
         trainer = L.Trainer(strategy=strategy, max_steps=12, callbacks=callbacks, **kwargs)
+    elif mode == "unsliceable":
+        # a list of strings per batch: the examples cannot be cut out, so every rank skips verification
+        tensors = data(32).tensors
+        texts = [(tensors[0][i], tensors[1][i], f"text {i}") for i in range(32)]
+        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0)
+        loader = DataLoader(texts, batch_size=8)
+        trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
     elif mode == "verify_broken":
         # every rank's engine reports norms twice too large: the sharded verification must refuse
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0)
@@ -182,6 +194,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=2.0)
         loader = DataLoader(data(64), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=1000, callbacks=[recorder, budget], **kwargs)
+        fit_kwargs["val_dataloaders"] = DataLoader(data(8), batch_size=4)  # validation under sharding too
     elif mode in ("uninterrupted", "interrupted", "resumed"):
         # Poisson sampling, noise, a budget; 8 steps per epoch; resume from the step-6 checkpoint.
         budget = PrivacyBudget(target_epsilon=50.0, delta=1e-5, accountant="rdp")
@@ -200,7 +213,9 @@ def main(mode: str, devices: int, outdir: str) -> None:
     else:
         raise KeyError(mode)
     try:
-        trainer.fit(model, loader, **fit_kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, loader, **fit_kwargs)
     except EngineVerificationError as err:
         with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"refused": str(err), "steps": strategy.steps}, f)
@@ -218,7 +233,11 @@ def main(mode: str, devices: int, outdir: str) -> None:
         "local_grads": recorder.local_grads,
         "global_step": trainer.global_step,
         "epsilon": budget.epsilon if budget is not None else None,
+        "val_loss": float(trainer.callback_metrics["val_loss"])
+        if "val_loss" in trainer.callback_metrics
+        else None,
         "empty_steps": empty_counter.empty_steps,
+        "verify_warnings": [str(w.message) for w in caught if "could not verify" in str(w.message)],
     }
     with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)

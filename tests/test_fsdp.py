@@ -112,6 +112,7 @@ def test_a_rank_without_examples_joins_the_sharded_step(tmp_path):
 def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     rank0, rank1 = run("budget", 2, tmp_path)
     assert rank0["steps"] == rank1["steps"] > 0
+    assert rank0["val_loss"] is not None and rank0["val_loss"] == rank1["val_loss"]  # validation ran sharded
     assert rank0["epsilon"] == rank1["epsilon"] <= 2.0
     assert rank0["params"] == rank1["params"]
 
@@ -134,6 +135,12 @@ def test_sharded_verification_refuses_a_wrong_engine_on_every_rank(tmp_path):
     for rank in ranks:
         assert rank["steps"] == 0
         assert "disagrees with a per-example loop" in rank["refused"] or "other rank" in rank["refused"]
+
+
+def test_an_unsliceable_batch_skips_verification_on_every_rank_together(tmp_path):
+    rank0, rank1 = run("unsliceable", 2, tmp_path)
+    assert rank0["steps"] == rank1["steps"] == 2  # no rank waited alone in the verification's collectives
+    assert any("list of" in w for w in rank0["verify_warnings"])  # rank 0 says why
 
 
 def test_hooks_engine_is_refused():
