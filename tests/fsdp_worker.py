@@ -85,6 +85,31 @@ class TinyLM(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
 
 
+def tiny_llama() -> nn.Module:
+    """A 2-layer Llama from transformers (random weights, float64): RMSNorm, rotary attention, MLP."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, attention_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config).double()
+
+
+class LlamaLM(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_llama()
+
+    def training_step(self, batch, batch_idx):
+        ids = batch[0]
+        return self.model(input_ids=ids, labels=ids).loss  # mean over the tokens of equal-length rows
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 class Recorder(L.Callback):
     """The full gradient the optimizer sees (gathered) and this rank's local shard sizes."""
 
@@ -160,6 +185,13 @@ def main(mode: str, devices: int, outdir: str) -> None:
         )
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=1, callbacks=callbacks, **kwargs)
+    elif mode == "llama":
+        model = LlamaLM()
+        strategy = DPFSDPStrategy(
+            engine=engine, noise_multiplier=0.0, poisson_sampling=False, clipping="auto_s", max_grad_norm=0.5
+        )
+        loader = DataLoader(data(8), batch_size=8 // devices)
+        trainer = L.Trainer(strategy=strategy, max_steps=1, callbacks=callbacks, **kwargs)
     elif mode == "accumulate":
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=0.0, poisson_sampling=False)
         loader = DataLoader(data(16), batch_size=8 // devices)

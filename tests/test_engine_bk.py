@@ -622,11 +622,23 @@ def test_rule_lookup_follows_the_mro_and_refuses_overridden_forwards():
 def test_engine_announces_the_per_module_rule():
     from lightning_autodp.engines import make_engine
 
-    net, _, _ = _case("llama_rmsnorm")
-    with pytest.warns(UserWarning, match=r"engine='bk'.*torch\.func.*1 \(LlamaRMSNorm; parameters weight\)"):
+    net, _, _ = _case("gemma_rmsnorm")
+    with pytest.warns(UserWarning, match=r"engine='bk'.*torch\.func.*1 \(GemmaRMSNorm; parameters weight\)"):
         engine = make_engine("auto", net)
     assert isinstance(engine, BookKeepingEngine)
     engine.remove()
+
+
+def test_llama_rmsnorm_gets_the_one_backward_rule_only_with_its_exact_forward():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    class Shifted(LlamaRMSNorm):  # same class family, other math: must not get the rule
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) + 1.0
+
+    net = nn.Sequential(LlamaRMSNorm(4), Qwen2RMSNorm(4), Shifted(4))
+    assert [n for n, _ in BookKeepingEngine.fallback_modules(net)] == ["2"]
 
 
 def test_contribution_math_against_explicit_per_example_gradients():

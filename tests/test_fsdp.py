@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autodp import DPFSDPStrategy
-from tests.fsdp_worker import TinyLM, data
+from tests.fsdp_worker import TinyLM, data, tiny_llama
 from tests.reference import per_example_gradients, reference_clipped_mean
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -66,6 +66,19 @@ def test_sharded_update_equals_the_per_example_loop_on_the_union(tmp_path, engin
         one = run("exact", 1, tmp_path / "one", engine)[0]
         assert not one["sharded"]
         assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+def test_sharded_llama_update_equals_the_per_example_loop(tmp_path):
+    # a real model: transformers' Llama, its decoder layers as FSDP units, LlamaRMSNorm's one-backward rule
+    rank0, rank1 = run("llama", 2, tmp_path)
+    assert rank0["sharded"] and rank0["fsdp_units"] == 3 and rank0["grads"] == rank1["grads"]
+    model = tiny_llama()
+    ids = data(8).tensors[0]
+    grads = per_example_gradients(
+        model, lambda net, i: net(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss, 8
+    )
+    expected = torch.cat([g.flatten() for g in reference_clipped_mean(grads, "auto_s", 0.5, 0.01, 8)])
+    assert _rel(rank0["grads"][0], expected.tolist()) < 1e-10
 
 
 def test_accumulation_and_the_users_own_units_equal_one_process(tmp_path):

@@ -127,7 +127,8 @@ class BookKeepingEngine(PerSampleEngine):
     Registered rules (``engines/rules/``): ``nn.Linear`` (any number of leading dims),
     transformers' ``Conv1D``, ``nn.Embedding`` (also with ids shared by the batch),
     ``nn.Conv1d``/``nn.Conv2d`` (grouped, depthwise, channels-last), ``nn.LayerNorm``,
-    ``nn.GroupNorm``, ``nn.RMSNorm`` and their subclasses, ``nn.MultiheadAttention``; parameters
+    ``nn.GroupNorm``, ``nn.RMSNorm`` and their subclasses, transformers' ``LlamaRMSNorm`` family,
+    ``nn.MultiheadAttention``; parameters
     shared by several of them. Any other module with trainable parameters of its own gets the exact
     per-module rule (:mod:`.rules.module`), announced with a warning. BatchNorm is refused (its
     batch statistics mix the examples). Dim 0 is the batch, except inside ``nn.Transformer*``

@@ -5,9 +5,10 @@ functional op) and the elementwise affine :math:`y = \hat x \odot w + b`, whose 
 gradients are :math:`\sum (\partial L/\partial y)_i \odot \hat x_i` and :math:`\sum (\partial L/\partial y)_i`
 over every dim ``w`` does not span: ``(B, *w.shape)``, computed in backward.
 
-Norm classes of other libraries (transformers' ``LlamaRMSNorm`` and relatives, Gemma's
-``x * (1 + w)``) compute their own forward; they get the exact per-module rule of
-:mod:`.module` instead of a rule guessed from their name.
+Norm classes of other libraries compute their own forward: transformers' ``LlamaRMSNorm`` family
+has its own rule (:mod:`.hf_rmsnorm`, checked against the class's source); others (Gemma's
+``x * (1 + w)``) get the exact per-module rule of :mod:`.module` instead of a rule guessed from
+their name.
 """
 
 from __future__ import annotations
