@@ -138,7 +138,8 @@ def test_epsilon_is_logged_without_the_sync_dist_warning_or_a_hang(tmp_path):
     assert logged == pytest.approx(expected, rel=1e-6)  # the CSV holds float32
 
 
-@pytest.mark.parametrize("engine", ["bk", "ghost", "hooks"])
+# ghost draws nothing bk does not (the engines own no randomness): bk and hooks cover both code paths
+@pytest.mark.parametrize("engine", ["bk", "hooks"])
 def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path, engine):
     runs = []
     for name in ("first", "second"):

@@ -130,10 +130,15 @@ def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     assert rank0["params"] == rank1["params"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 10-step reference run, shared by both checkpoint formats (it writes no checkpoint)."""
+    return run("uninterrupted", 2, tmp_path_factory.mktemp("uninterrupted"))
+
+
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded_checkpoint", "consolidated_checkpoint"])
-def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_path, sharded):
+def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_path, sharded, uninterrupted):
     flag = {"DP_SHARDED_CHECKPOINT": "1" if sharded else "0"}
-    uninterrupted = run("uninterrupted", 2, tmp_path / "a", **flag)
     run("interrupted", 2, tmp_path / "b", **flag)
     resumed = run("resumed", 2, tmp_path / "b", **flag)
     assert resumed[0]["checkpoint_is_dir"] is sharded
