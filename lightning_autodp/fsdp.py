@@ -16,8 +16,7 @@ trainable parameter split over the ranks by ``torch.distributed.fsdp.fully_shard
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +44,7 @@ from lightning_autodp.engines.bookkeeping import BookKeepingEngine
 from lightning_autodp.sampling import EmptyBatch
 from lightning_autodp.sharded import ShardedDPStep, ShardedLayout, check_shardable
 from lightning_autodp.strategy import CHECKPOINT_KEY, DPAutoStrategy
-from lightning_autodp.verify import GradientLayout, size_or_reason, slice_batch
+from lightning_autodp.verify import GradientLayout, logging_off, size_or_reason, slice_batch
 
 #: the engines whose per-example work needs no per-example gradient (so none is sharded)
 SHARDED_ENGINES = ("auto", "bk", "ghost")
@@ -100,6 +99,9 @@ class DPFSDPStrategy(DPAutoStrategy):
     """
 
     strategy_name = "dp_fsdp"
+    strategy_description = (
+        "Differentially private training with the model sharded by FSDP2 (lightning-autodp)"
+    )
     dp_step_class = ShardedDPStep
 
     def __init__(
@@ -121,15 +123,6 @@ class DPFSDPStrategy(DPAutoStrategy):
         self.sharded_checkpoint = sharded_checkpoint
         self._sharded_checkpoint_path: Path | None = None
         self._placeholder: Any = None
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Differentially private training with the model sharded by FSDP2 (lightning-autodp)",
-        )
 
     @property
     def is_sharded(self) -> bool:
@@ -236,7 +229,7 @@ class DPFSDPStrategy(DPAutoStrategy):
         assert self._dp_step is not None
         self._dp_step.discard_next = True  # type: ignore[attr-defined]
         module = self.lightning_module
-        with _logging_off(module):
+        with logging_off(module):
             return super().training_step(*args, **kwargs)
 
     def _placeholder_batch(self) -> Any:
@@ -357,26 +350,6 @@ class DPFSDPStrategy(DPAutoStrategy):
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 #: the non-tensor part of a sharded checkpoint (loops, callbacks, the privacy ledger)
 _META_FILE = "meta.pt"
-
-
-@contextlib.contextmanager
-def _logging_off(module: nn.Module) -> Iterator[None]:
-    """``self.log`` / ``self.log_dict`` do nothing inside (a placeholder step's loss is not a metric)."""
-    own = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
-    module.log = _dont_log  # type: ignore[method-assign]
-    module.log_dict = _dont_log  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for name in ("log", "log_dict"):
-            if name in own:
-                module.__dict__[name] = own[name]
-            else:
-                module.__dict__.pop(name, None)
-
-
-def _dont_log(*args: Any, **kwargs: Any) -> None:
-    """Stands in for ``LightningModule.log`` in a placeholder step."""
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:

@@ -168,6 +168,8 @@ class DPAutoStrategy(DDPStrategy):
     """
 
     strategy_name = "dp_auto"
+    #: the description Lightning's strategy registry shows for :attr:`strategy_name`
+    strategy_description = "Differentially private training with automatic clipping (lightning-autodp)"
     #: the framework-free DP step (:class:`~lightning_autodp.core.DPStep`: all-reduce of full sums)
     dp_step_class: type[DPStep] = DPStep
 
@@ -261,11 +263,7 @@ class DPAutoStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Differentially private training with automatic clipping (lightning-autodp)",
-        )
+        strategy_registry.register(cls.strategy_name, cls, description=cls.strategy_description)
 
     @override
     def _configure_launcher(self) -> None:

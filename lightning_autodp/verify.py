@@ -185,17 +185,14 @@ def _isolated(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     modes = [(m, m.training) for m in module.modules()]
     mha_dropout = [(m, m.dropout) for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
-    own_log = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
     py_state = random.getstate()
     np_state = _numpy_state()
     devices = (
         [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     )
     try:
-        with torch.random.fork_rng(devices=devices), _no_autocast(), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), _no_autocast(), torch.enable_grad(), logging_off(module):
             _dropout_free(module)
-            module.log = _dont_log  # type: ignore[method-assign]
-            module.log_dict = _dont_log  # type: ignore[method-assign]
             yield
     finally:
         for p, g in zip(params, grads):
@@ -207,17 +204,28 @@ def _isolated(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
             m.training = mode
         for m, p in mha_dropout:
             m.dropout = p
-        for name in ("log", "log_dict"):
-            if name in own_log:
-                module.__dict__[name] = own_log[name]
-            else:
-                module.__dict__.pop(name, None)
         random.setstate(py_state)
         _set_numpy_state(np_state)
 
 
 def _dont_log(*args: Any, **kwargs: Any) -> None:
     """Stands in for ``LightningModule.log`` during verification: nothing reaches the loggers."""
+
+
+@contextlib.contextmanager
+def logging_off(module: nn.Module) -> Iterator[None]:
+    """Inside, the module's ``self.log`` / ``self.log_dict`` do nothing (restored on exit)."""
+    own = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    module.log = _dont_log  # type: ignore[method-assign]
+    module.log_dict = _dont_log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in own:
+                module.__dict__[name] = own[name]
+            else:
+                module.__dict__.pop(name, None)
 
 
 def _dropout_free(module: nn.Module) -> None:
