@@ -204,10 +204,11 @@ def main(mode: str, devices: int, outdir: str) -> None:
         trainer = L.Trainer(strategy=strategy, max_steps=2, callbacks=callbacks, **kwargs)
     elif mode == "sparse":
         # q = 2 / 20: a rank draws no example at about a third of the steps, the other rank often does
-        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=1.0)
+        # sigma = 0: a step where both ranks drew nothing must hand the optimizer an exact zero
+        strategy = DPFSDPStrategy(engine=engine, noise_multiplier=0.0, max_grad_norm=1.0)
         loader = DataLoader(data(20), batch_size=1)
         callbacks.append(empty_counter)
-        trainer = L.Trainer(strategy=strategy, max_steps=12, callbacks=callbacks, **kwargs)
+        trainer = L.Trainer(strategy=strategy, max_steps=30, callbacks=callbacks, **kwargs)
     elif mode == "unsliceable":
         # a list of strings per batch: the examples cannot be cut out, so every rank skips verification
         tensors = data(32).tensors

@@ -116,10 +116,15 @@ def test_a_rank_without_examples_joins_the_sharded_step(tmp_path):
     # FSDP gathers parameters with collectives in forward and backward: a rank whose Poisson sample is
     # empty runs a placeholder example that adds nothing (without it, the other rank waits forever)
     rank0, rank1 = run("sparse", 2, tmp_path)
-    assert rank0["steps"] == rank1["steps"] == 12
+    assert rank0["steps"] == rank1["steps"] == 30
     only_one_empty = set(rank0["empty_steps"]) ^ set(rank1["empty_steps"])
     assert only_one_empty, "the seed gave no step where exactly one rank drew nothing"
     assert rank0["params"] == rank1["params"]
+    # the placeholder example each empty rank runs adds nothing: with sigma = 0 the update is exactly 0
+    both_empty = set(rank0["empty_steps"]) & set(rank1["empty_steps"])
+    assert both_empty, "the seed gave no step where both ranks drew nothing"
+    for step in both_empty:
+        assert not any(rank0["grads"][step])
 
 
 def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
