@@ -695,6 +695,14 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "",
     ]
     lines += ["## Overview (the README table)", "", *overview_table(records), ""]
+    lines += [
+        "## The default against Abadi at the default R = 1 (no threshold tuned)",
+        "",
+        "Each at its own tuned lr; paired difference over seeds +- SE (positive: the default is better).",
+        "",
+        *fixed_abadi_table(records),
+        "",
+    ]
     tables: dict[tuple, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for (task, study, eps, opt, batch, epochs, method), s in summary.items():
         tables[(task, study, eps, opt, batch, epochs)].append((method, s))
@@ -759,6 +767,32 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
             f"| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
             f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {statistics.fmean(diffs):+.4f} +- {se:.4f} "
             f"| {default['n']} | {machines[(task, study, eps, opt, batch, epochs)].split(' (')[0]} |"
+        )
+    return lines
+
+
+def fixed_abadi_table(records: list[dict[str, Any]], r: float = 1.0) -> list[str]:
+    """One line per table that has both: the default against Abadi at a fixed ``R`` (not tuned)."""
+    tables: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (*table, method), s in summarise(records).items():
+        tables[tuple(table)][method] = s
+    lines = [
+        "| task | eps | optimizer | batch x epochs | metric | default "
+        f"| Abadi R={r:g} | default - Abadi R={r:g} | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, study, eps, opt, batch, epochs), methods in sorted(tables.items()):
+        default, abadi = methods.get("auto_s g=0.01"), methods.get(f"abadi R={r:g}")
+        if default is None or abadi is None:
+            continue
+        spec = TASKS[task]
+        sign = 1.0 if spec.higher_is_better else -1.0
+        diffs = [sign * (x - y) for x, y in zip(default["tests"], abadi["tests"])]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        lines.append(
+            f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
+            f"| {default['mean']:.4f} | {abadi['mean']:.4f} | {statistics.fmean(diffs):+.4f} +- {se:.4f} "
+            f"| {default['n']} |"
         )
     return lines
 

@@ -168,3 +168,18 @@ def test_records_carry_the_machine(utility, tmp_path):
     with out.open("a") as f:
         utility._record({"config": asdict(cfg), "error": "x"}, "cpu", f, "", "test box")
     assert json.loads(out.read_text())["machine"] == "test box"
+
+
+def test_fixed_abadi_table_pairs_the_default_with_abadi_at_that_r_seed_by_seed(utility):
+    records = _records(utility, random.Random(1))  # the default and Abadi R = 3, 3 lrs x 4 seeds
+    summary = utility.summarise(records)
+    default = summary[("digits", "main", 3.0, "adam", 64, 40, "auto_s g=0.01")]
+    abadi = summary[("digits", "main", 3.0, "adam", 64, 40, "abadi R=3")]
+    diffs = [d - a for d, a in zip(default["tests"], abadi["tests"])]
+    (row,) = utility.fixed_abadi_table(records, r=3.0)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["digits", "3"] and cells[-1] == "4"
+    gap, se = cells[7].split(" +- ")
+    assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+    assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)  # sqrt(4 seeds)
+    assert utility.fixed_abadi_table(records, r=1.0)[2:] == []  # no Abadi R = 1 run: no row
