@@ -184,6 +184,8 @@ class DPStep:
         optimizer.step()
     """
 
+    #: the strategy's name, in messages
+    strategy_name = "dp_auto"
     #: under data parallelism one rank adds the noise to the whole sum before the all-reduce
     every_rank_draws_noise = False
     #: :attr:`summed` holds this rank's own sums until :meth:`privatize` reduces them
@@ -262,27 +264,43 @@ class DPStep:
         examples in the step over all ranks, for checks that rebuild the noise from ``p.grad``.
         """
         if not (isinstance(sigma, float) and math.isfinite(sigma) and sigma >= 0):
-            raise RuntimeError(f"dp_auto needs a noise_multiplier >= 0 at every step, got {sigma!r}.")
+            raise RuntimeError(
+                f"{self.strategy_name} needs a noise_multiplier >= 0 at every step, got {sigma!r}."
+            )
         sums = [self.summed.pop(p, None) for p in self.params]
-        sums = [
-            s if s is not None else torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-            for s, p in zip(sums, self.params)
-        ]
+        sums = [s if s is not None else self.zero_sum(p) for s, p in zip(sums, self.params)]
         if noise is not None and sigma > 0:
             std = sigma * self.max_grad_norm
             for s in sums:
                 s.add_(noise.gaussian(std, like=s).to(s.dtype))
         ledger.record(sigma, q)
-        count = sums[0].new_tensor([float(self.examples)]) if sums else torch.zeros(1)
-        if reduce is not None:
-            all_reduce_in_buckets([*sums, count], reduce, bucket_mb)
-        examples = float(count.item())
+        examples = self.reduce_step(sums, reduce, bucket_mb)
         b = divisor if divisor is not None else max(examples, 1.0)
         b /= grad_scale
         for p, s in zip(self.params, sums):
-            p.grad = s.div_(b).to(p.dtype)
+            p.grad = self.as_grad(s.div_(b), p)
         self.examples = 0
         return b, examples
+
+    # The three places where a sharded step differs (``lightning_autodp.sharded.ShardedDPStep``).
+
+    def zero_sum(self, p: nn.Parameter) -> Tensor:
+        """The clipped sum of a parameter no example reached: zeros, in the sums' precision."""
+        return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+    def reduce_step(
+        self, sums: list[Tensor], reduce: Callable[[Tensor], None] | None, bucket_mb: float
+    ) -> float:
+        """Sum the (noised) sums and the example counts over ranks with ``reduce``, in buckets of
+        ``bucket_mb``; return the number of examples in the step over all ranks."""
+        count = sums[0].new_tensor([float(self.examples)]) if sums else torch.zeros(1)
+        if reduce is not None:
+            all_reduce_in_buckets([*sums, count], reduce, bucket_mb)
+        return float(count.item())
+
+    def as_grad(self, total: Tensor, p: nn.Parameter) -> Tensor:
+        """``p.grad`` from the step's private gradient ``total`` (already divided by B)."""
+        return total.to(p.dtype)
 
     def clear(self) -> None:
         """Drop a partial sum (an interrupted step)."""

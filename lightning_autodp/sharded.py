@@ -38,9 +38,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
 from lightning_autodp.clipping import ClippingMode
-from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
+from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep
 from lightning_autodp.engines.base import PerSampleEngine
-from lightning_autodp.noise import NoiseSource
 from lightning_autodp.verify import GradientLayout
 
 
@@ -165,7 +164,10 @@ class ShardedDPStep(DPStep):
     r""":class:`~lightning_autodp.core.DPStep` for parameters sharded with FSDP2 (see the module docstring).
 
     :attr:`summed` holds, per parameter, this rank's shard of the clipped sum *already summed over
-    ranks* (:attr:`sums_are_reduced`); :meth:`privatize` therefore only all-reduces the example count.
+    ranks* (:attr:`sums_are_reduced`). :meth:`~lightning_autodp.core.DPStep.privatize` is the same
+    as the unsharded step's, with each rank's own ``noise`` stream adding :math:`\sigma R z` to the
+    shard it owns (:attr:`every_rank_draws_noise`), only the example count summed over ranks
+    (:meth:`reduce_step`) and ``p.grad`` a DTensor with the parameter's layout (:meth:`as_grad`).
 
     Example (inside a process group, ``model`` after ``fully_shard``)::
 
@@ -178,6 +180,7 @@ class ShardedDPStep(DPStep):
         optimizer.step()
     """
 
+    strategy_name = "dp_fsdp"
     #: every rank adds noise to the shard it owns (``DPStep``: one rank adds it to the whole sum)
     every_rank_draws_noise = True
     #: :attr:`summed` is already summed over ranks
@@ -252,52 +255,25 @@ class ShardedDPStep(DPStep):
                 "the module that owns the parameter (call the layer), or give it a module of its own."
             )
 
-    @torch.no_grad()
-    def privatize(
-        self,
-        *,
-        sigma: float,
-        q: float | None,
-        noise: NoiseSource | None,
-        ledger: PrivacyLedger,
-        divisor: float | None,
-        reduce: Callable[[Tensor], None] | None = None,
-        bucket_mb: float = DEFAULT_BUCKET_MB,
-        grad_scale: float = 1.0,
-    ) -> tuple[float, float]:
-        r"""Set each ``p.grad`` (a DTensor) to :math:`(\text{local sum} + \sigma R z_{\text{local}}) / B`.
+    def zero_sum(self, p: nn.Parameter) -> Tensor:
+        """Zeros the size of this rank's shard of ``p``."""
+        return torch.zeros_like(local_part(p), dtype=_sum_dtype(p))
 
-        1. ``noise`` (every rank, its own stream): add :math:`\sigma R z` to the shard this rank owns;
-           record ``(sigma, q)`` in ``ledger``;
-        2. ``reduce``: sum the example counts over ranks (the sums were reduced when accumulated);
-        3. divide by :math:`B` (``divisor``, else the examples of the step), times ``grad_scale``.
-
-        Returns ``(b, examples)`` as :meth:`DPStep.privatize`.
-        """
-        del bucket_mb  # nothing is all-reduced here but the example count
-        if not (isinstance(sigma, float) and math.isfinite(sigma) and sigma >= 0):
-            raise RuntimeError(f"dp_fsdp needs a noise_multiplier >= 0 at every step, got {sigma!r}.")
-        sums = [self.summed.pop(p, None) for p in self.params]
-        sums = [
-            s if s is not None else torch.zeros_like(local_part(p), dtype=_sum_dtype(p))
-            for s, p in zip(sums, self.params)
-        ]
-        if noise is not None and sigma > 0:
-            std = sigma * self.max_grad_norm
-            for s in sums:
-                s.add_(noise.gaussian(std, like=s).to(s.dtype))
-        ledger.record(sigma, q)
+    def reduce_step(
+        self, sums: list[Tensor], reduce: Callable[[Tensor], None] | None, bucket_mb: float
+    ) -> float:
+        """The sums were reduce-scattered as they were accumulated, and each rank noised its own
+        shard: only the example count is summed over ranks here."""
+        del sums, bucket_mb
         device = local_part(self.params[0]).device if self.params else torch.device("cpu")
         count = torch.tensor([float(self.examples)], dtype=torch.float64, device=device)
         if reduce is not None:
             reduce(count)
-        examples = float(count.item())
-        b = divisor if divisor is not None else max(examples, 1.0)
-        b /= grad_scale
-        for p, s in zip(self.params, sums):
-            p.grad = as_param_grad(s.div_(b).to(p.dtype), p)
-        self.examples = 0
-        return b, examples
+        return float(count.item())
+
+    def as_grad(self, total: Tensor, p: nn.Parameter) -> Tensor:
+        """A DTensor with ``p``'s mesh and placements whose local part is ``total``."""
+        return as_param_grad(total.to(p.dtype), p)
 
 
 class ShardedLayout(GradientLayout):
