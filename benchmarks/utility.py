@@ -50,7 +50,7 @@ first 3 seeds with 13 processes, seeds 3 and 4 after), a char LM run ~6 s on the
 resume); prefer it to ``timeout``, which leaves the pool's workers running.
     python benchmarks/utility.py --grid sgd_schedule --machine "2-core shared CPU"   # ~8 min
     python benchmarks/utility.py --grid sgd --tasks digits --jobs 2      # SGD at batch 256: ~8 min
-    python benchmarks/utility.py --grid full --tasks text --jobs 2       # 24 MiniLM runs: ~1 h here
+    python benchmarks/utility.py --grid full --tasks text --jobs 2       # 40 MiniLM runs: ~1 h here
     python benchmarks/utility.py --grid lm_epochs --tasks char_lm --jobs 2   # ~10 min on 2 cores
     python benchmarks/utility.py --report             # benchmarks/utility_results.md from the JSONL
     python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
@@ -183,14 +183,22 @@ def _main_grid(
                         )
 
 
-def _batch_grid(task: str, seeds: Iterable[int], shapes: Iterable[tuple[int, int]]) -> Iterator[Config]:
-    """Batch size / epochs at epsilon 3 (Adam): the default against Abadi at R = 1 and R = 3."""
-    spec = TASKS[task]
+def _batch_grid(
+    task: str,
+    seeds: Iterable[int],
+    shapes: Iterable[tuple[int, int]],
+    optimizer: str = "adam",
+    lrs: tuple[float, ...] | None = None,
+) -> Iterator[Config]:
+    """Batch size / epochs at epsilon 3: the default against Abadi at R = 1 and R = 3.
+
+    ``lrs``: the learning-rate trials (default: the task's Adam grid).
+    """
     for seed in seeds:
         for batch, epochs in shapes:
             for clipping, gamma, r in (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0), ("abadi", 0.01, 3.0)):
-                for lr in spec.adam_lrs:
-                    yield Config(task, "batch", 3.0, clipping, gamma, r, "adam", lr, seed, batch, epochs)
+                for lr in lrs or TASKS[task].adam_lrs:
+                    yield Config(task, "batch", 3.0, clipping, gamma, r, optimizer, lr, seed, batch, epochs)
 
 
 def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
@@ -222,11 +230,7 @@ def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
                     "--grid sgd is a digits study (the char LM diverges under SGD at lr * R >= 1 and "
                     "reaches perplexity 25.8 at 0.3, against 11 with Adam); use --tasks digits."
                 )
-            methods = (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0), ("abadi", 0.01, 3.0))
-            for seed in range(3):
-                for clipping, gamma, r in methods:
-                    for lr in (0.01, 0.03, 0.1, 0.3):
-                        out.append(Config(task, "batch", 3.0, clipping, gamma, r, "sgd", lr, seed, 256, 60))
+            out += _batch_grid(task, range(3), [(256, 60)], "sgd", (0.01, 0.03, 0.1, 0.3))
         elif grid == "lm_epochs":
             # The char LM example trains 5 epochs at epsilon 8; its lr (3e-3) was chosen at 2 epochs.
             # Does the longer run (and its larger sigma) prefer another lr? The default only.
@@ -671,6 +675,21 @@ def _machines(records: list[dict[str, Any]]) -> dict[tuple, str]:
     return {k: "; ".join(sorted(v)) for k, v in out.items()}
 
 
+def _methods_by_table(summary: dict[tuple, dict[str, Any]]) -> dict[tuple, dict[str, dict[str, Any]]]:
+    """``summarise``'s entries regrouped: per table, per method."""
+    tables: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (*table, method), s in summary.items():
+        tables[tuple(table)][method] = s
+    return tables
+
+
+def _paired_gap(ours: list[float], theirs: list[float], sign: float) -> tuple[float, float]:
+    """Mean of the per-seed differences ``sign * (ours - theirs)`` and its standard error."""
+    diffs = [sign * (a - b) for a, b in zip(ours, theirs)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.fmean(diffs), se
+
+
 def _optimizer_label(opt: str, study: str) -> str:
     """The optimizer column: the optimizer, and the lr schedule when it is not constant."""
     if study == "cosine":
@@ -741,11 +760,8 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
     Each at its own tuned learning rate; "default - Abadi" is the mean paired difference over seeds
     (positive = the default is better) +- its standard error.
     """
-    summary = summarise(records)
+    tables = _methods_by_table(summarise(records))
     machines = _machines(records)
-    tables: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (*table, method), s in summary.items():
-        tables[tuple(table)][method] = s
     lines = [
         "| task | eps | optimizer | batch x epochs | metric | AUTO-S default (gamma 0.01) "
         "| best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) | seeds | machine |",
@@ -761,12 +777,11 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
             continue
         a_name, a = max(abadi, key=lambda x: sign * x[1]["val"])
         g_name, g = max(autos, key=lambda x: sign * x[1]["val"])
-        diffs = [sign * (x - y) for x, y in zip(default["tests"], a["tests"])]
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        gap, se = _paired_gap(default["tests"], a["tests"], sign)
         lines.append(
             f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
             f"| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
-            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {statistics.fmean(diffs):+.4f} +- {se:.4f} "
+            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {gap:+.4f} +- {se:.4f} "
             f"| {default['n']} | {machines[(task, study, eps, opt, batch, epochs)].split(' (')[0]} |"
         )
     return lines
@@ -774,9 +789,7 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
 
 def fixed_abadi_table(records: list[dict[str, Any]], r: float = 1.0) -> list[str]:
     """One line per table that has both: the default against Abadi at a fixed ``R`` (not tuned)."""
-    tables: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (*table, method), s in summarise(records).items():
-        tables[tuple(table)][method] = s
+    tables = _methods_by_table(summarise(records))
     lines = [
         "| task | eps | optimizer | batch x epochs | metric | default "
         f"| Abadi R={r:g} | default - Abadi R={r:g} | seeds |",
@@ -788,11 +801,10 @@ def fixed_abadi_table(records: list[dict[str, Any]], r: float = 1.0) -> list[str
             continue
         spec = TASKS[task]
         sign = 1.0 if spec.higher_is_better else -1.0
-        diffs = [sign * (x - y) for x, y in zip(default["tests"], abadi["tests"])]
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        gap, se = _paired_gap(default["tests"], abadi["tests"], sign)
         lines.append(
             f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
-            f"| {default['mean']:.4f} | {abadi['mean']:.4f} | {statistics.fmean(diffs):+.4f} +- {se:.4f} "
+            f"| {default['mean']:.4f} | {abadi['mean']:.4f} | {gap:+.4f} +- {se:.4f} "
             f"| {default['n']} |"
         )
     return lines
@@ -812,9 +824,7 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
     parts = []
     for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
         name, best = max(abadi, key=lambda x: sign * x[1][key])
-        diffs = [sign * (a - b) for a, b in zip(by["auto_s g=0.01"]["tests"], best["tests"])]
-        gap = statistics.fmean(diffs)
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        gap, se = _paired_gap(by["auto_s g=0.01"]["tests"], best["tests"], sign)
         side = "ahead of" if gap > 0 else "behind"
         within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
         parts.append(f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)")
@@ -1093,7 +1103,10 @@ def main(argv: list[str] | None = None) -> None:
         plot_study(HERE / "utility_study.json", ROOT / "docs" / "utility_norms.png")
         return
     if args.norm_study:
-        norm_study(args.norm_study.split(","), HERE / "utility_norm_study.json")
+        studied = [t.strip() for t in args.norm_study.split(",") if t.strip()]
+        if set(studied) - set(NORM_STUDY_RUNS):
+            p.error(f"--norm-study takes {','.join(NORM_STUDY_RUNS)} (digits has --study)")
+        norm_study(studied, HERE / "utility_norm_study.json")
         return
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - set(TASKS)
