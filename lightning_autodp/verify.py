@@ -209,7 +209,7 @@ def _isolated(module: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
 
 
 def _dont_log(*args: Any, **kwargs: Any) -> None:
-    """Stands in for ``LightningModule.log`` during verification: nothing reaches the loggers."""
+    """Stands in for ``LightningModule.log`` inside :func:`logging_off`: nothing reaches the loggers."""
 
 
 @contextlib.contextmanager
