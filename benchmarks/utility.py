@@ -30,6 +30,9 @@ with momentum 0.9. For SGD the grid is over ``lr * R`` (the learning rate is div
 noise in one update is ``lr * sigma * R / B``, so every method sees the same noise step sizes.
 ``--grid sgd_schedule`` (digits, SGD): AUTO-S default and Abadi R = 3 with a cosine decay of the
 learning rate to 0 over the run, against the constant learning rate of the main grid.
+``--grid psac``: DP-PSAC (``clipping="psac"``, r = 0.1, no threshold to tune) joins the tables that
+ran on the 2-core CPU (digits SGD, text) with their lr trials and seeds, and reruns the digits Adam
+and char LM comparisons on this CPU (study ``cpu``) beside the default and Abadi.
 
 Each record carries ``machine`` (``--machine``, default: the CPU count and, for ``gpu``, the GPU's
 name): the earlier 704 runs without it ran on a machine with one H200 and 16 CPU cores.
@@ -52,6 +55,7 @@ resume); prefer it to ``timeout``, which leaves the pool's workers running.
     python benchmarks/utility.py --grid sgd --tasks digits --jobs 2      # SGD at batch 256: ~8 min
     python benchmarks/utility.py --grid full --tasks text --jobs 2       # 40 MiniLM runs: ~1 h here
     python benchmarks/utility.py --grid lm_epochs --tasks char_lm --jobs 2   # ~10 min on 2 cores
+    python benchmarks/utility.py --grid psac --tasks digits,char_lm,text --jobs 2   # ~1 h on 2 cores
     python benchmarks/utility.py --report             # benchmarks/utility_results.md from the JSONL
     python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
     python benchmarks/utility.py --norm-study char_lm,text   # the same question there (~6 min here)
@@ -109,6 +113,8 @@ class Config:
         """The clipping method as shown in the tables."""
         if self.clipping == "auto_s":
             return f"auto_s g={self.gamma:g}"
+        if self.clipping == "psac":
+            return f"psac r={self.gamma:g}"
         if self.clipping == "auto_v":
             return "auto_v"
         return f"abadi R={self.max_grad_norm:g}"
@@ -147,6 +153,8 @@ METHODS_FULL: tuple[tuple[str, float, float], ...] = (
     ("abadi", 0.01, 10.0),
 )
 METHODS_SMOKE = (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0))
+#: DP-PSAC at its default r (``DPAutoStrategy(clipping="psac")``): no threshold to tune.
+PSAC = ("psac", 0.1, 1.0)
 
 
 def _main_grid(
@@ -201,8 +209,40 @@ def _batch_grid(
                     yield Config(task, "batch", 3.0, clipping, gamma, r, optimizer, lr, seed, batch, epochs)
 
 
+def _psac_grid(task: str) -> list[Config]:
+    """PSAC (r = 0.1) beside the default and Abadi, on this machine's code and noise streams.
+
+    Where a table already ran here (digits SGD, text) PSAC joins it with the same lr trials and
+    seeds. The digits Adam and char LM tables of the H200 machine used an older noise stream
+    (digits) or the GPU (char LM), so they are rerun here as study ``cpu`` with the methods that
+    matter (the default, PSAC, the Abadi thresholds that won there) and the lr trials that won.
+    """
+    if task == "digits":
+        out = list(
+            _main_grid(task, [3.0], [PSAC], ["sgd"], range(8), None, {"sgd": (0.01, 0.03)}, "constant")
+        )
+        sgd_256 = _batch_grid(task, range(3), [(256, 60)], "sgd", (0.01, 0.03, 0.1, 0.3))
+        out += [replace(c, clipping="psac", gamma=0.1) for c in sgd_256 if c.clipping == "auto_s"]
+        methods = (METHODS_FULL[0], PSAC, ("abadi", 0.01, 1.0), ("abadi", 0.01, 3.0), ("abadi", 0.01, 10.0))
+        adam_lrs = {"adam": (2e-3, 5e-3, 1e-2)}
+        # 5 seeds: with 3 the lr chosen on the 180 validation digits flipped on near-ties (PSAC, at
+        # epsilon 3 and 1).
+        out += _main_grid(task, [3.0], methods, ["adam"], range(5), None, adam_lrs, "cpu")
+        # Where the default was behind (epsilon 1) and ahead (batch 256) of Abadi under Adam.
+        out += _main_grid(task, [1.0], methods, ["adam"], range(5), None, adam_lrs, "cpu")
+        big = _main_grid(task, [3.0], methods, ["adam"], range(3), 60, adam_lrs, "cpu")
+        return out + [replace(c, batch_size=256) for c in big]
+    if task == "char_lm":
+        # Every method chose lr 3e-3 of (1e-3, 3e-3, 1e-2) on the H200 machine: one trial each here.
+        methods = (METHODS_FULL[0], PSAC, ("abadi", 0.01, 0.1), ("abadi", 0.01, 1.0))
+        return list(_main_grid(task, [3.0], methods, ["adam"], range(3), None, {"adam": (3e-3,)}, "cpu"))
+    if task == "text":
+        return list(_main_grid(task, [3.0], [PSAC], ["adam"], range(5)))
+    raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+
+
 def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
-    """The configurations of ``--grid smoke|full|sgd_schedule|sgd|lm_epochs`` for ``tasks``, seed-major."""
+    """The configurations of ``--grid`` (smoke, full, sgd_schedule, sgd, lm_epochs, psac) for ``tasks``."""
     out: list[Config] = []
     for task in tasks:
         if grid == "sgd_schedule":
@@ -238,6 +278,8 @@ def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
                 raise ValueError("--grid lm_epochs is the char LM example's lr check; use --tasks char_lm.")
             lrs = {"adam": (3e-3, 1e-2)}
             out += _main_grid(task, [8.0], METHODS_SMOKE[:1], ["adam"], range(2), 5, lrs, "epochs")
+        elif grid == "psac":
+            out += _psac_grid(task)
         elif grid == "smoke":
             small = {"digits": 2, "char_lm": 1, "text": 1}[task]
             lrs = {"adam": TASKS[task].adam_lrs[:1], "sgd": TASKS[task].sgd_lrs[:1]}
@@ -623,7 +665,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 
 def _method_order(method: str) -> tuple[int, float]:
     kind, _, value = method.partition(" ")
-    rank = {"auto_s": 0, "auto_v": 1, "abadi": 2}[kind]
+    rank = {"auto_s": 0, "psac": 1, "auto_v": 2, "abadi": 3}[kind]
     return rank, float(value.split("=")[1]) if value else 0.0
 
 
@@ -694,6 +736,8 @@ def _optimizer_label(opt: str, study: str) -> str:
     """The optimizer column: the optimizer, and the lr schedule when it is not constant."""
     if study == "cosine":
         return f"{opt} + cosine lr"
+    if study == "cpu":
+        return f"{opt} (CPU rerun)"
     return f"{opt} (constant-lr rerun)" if study == "constant" else opt
 
 
@@ -721,6 +765,13 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "Each at its own tuned lr; paired difference over seeds +- SE (positive: the default is better).",
         "",
         *fixed_abadi_table(records),
+        "",
+        "## PSAC (clipping='psac', r = 0.1) against tuned Abadi and the default",
+        "",
+        "Where PSAC ran (`--grid psac`): each method at its own tuned lr, Abadi's R chosen by validation; "
+        "paired differences over seeds +- SE (positive: PSAC is better).",
+        "",
+        *psac_table(records),
         "",
     ]
     tables: dict[tuple, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
@@ -783,6 +834,38 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
             f"| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
             f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {gap:+.4f} +- {se:.4f} "
             f"| {default['n']} | {machines[(task, study, eps, opt, batch, epochs)].split(' (')[0]} |"
+        )
+    return lines
+
+
+def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> list[str]:
+    """One line per table with PSAC: PSAC against Abadi with R chosen by validation, and the default.
+
+    Each at its own tuned lr, paired over the table's seeds +- SE (positive: PSAC is better).
+    """
+    tables = _methods_by_table(summarise(records))
+    machines = _machines(records)
+    lines = [
+        "| task | eps | optimizer | batch x epochs | metric | PSAC (r 0.1) | AUTO-S default "
+        "| Abadi, R by val | PSAC - Abadi (paired +- SE) | PSAC - default | seeds | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for table, methods in sorted(tables.items()):
+        psac, default = methods.get(method), methods.get("auto_s g=0.01")
+        abadi = [(m, s) for m, s in methods.items() if m.startswith("abadi")]
+        if psac is None or default is None or not abadi:
+            continue
+        task, study, eps, opt, batch, epochs = table
+        spec = TASKS[task]
+        sign = 1.0 if spec.higher_is_better else -1.0
+        a_name, a = max(abadi, key=lambda x: sign * x[1]["val"])
+        gap_a, se_a = _paired_gap(psac["tests"], a["tests"], sign)
+        gap_d, se_d = _paired_gap(psac["tests"], default["tests"], sign)
+        lines.append(
+            f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
+            f"| {psac['mean']:.4f} | {default['mean']:.4f} | {a['mean']:.4f} ({a_name.split(' ')[1]}) "
+            f"| {gap_a:+.4f} +- {se_a:.4f} | {gap_d:+.4f} +- {se_d:.4f} "
+            f"| {psac['n']} | {machines[table].split(' (')[0]} |"
         )
     return lines
 
@@ -855,7 +938,7 @@ def study(out_dir: Path, epochs: int = 40) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = sorted({0, 1, 2, 5, 10, 20, epochs - 1})
-    clippings = [("auto_s", g, 1.0) for g in (0.01, 0.1, 1.0)] + [("auto_v", 0.01, 1.0)]
+    clippings = [("auto_s", g, 1.0) for g in (0.01, 0.1, 1.0)] + [PSAC, ("auto_v", 0.01, 1.0)]
     clippings += [("abadi", 0.01, r) for r in (0.1, 1.0, 3.0, 10.0)]
     from lightning_autodp.clipping import clip_factors
 
@@ -934,10 +1017,11 @@ NORM_STUDY_RUNS = {
     "char_lm": Config("char_lm", "norm_study", 3.0, "auto_s", 0.01, 1.0, "adam", 3e-3, 0, 64, 2),
     "text": Config("text", "norm_study", 3.0, "auto_s", 0.01, 1.0, "adam", 3e-3, 0, 256, 3),
 }
-#: The clippings compared on the same per-example gradients: the default, gamma 1, Abadi R 0.1 and 1.
+#: The clippings compared on the same per-example gradients: the default, gamma 1, PSAC, Abadi R 0.1 and 1.
 NORM_STUDY_CLIPPINGS = (
     ("auto_s", 0.01, 1.0),
     ("auto_s", 1.0, 1.0),
+    PSAC,
     ("abadi", 0.01, 0.1),
     ("abadi", 0.01, 1.0),
 )
@@ -1078,7 +1162,9 @@ def plot_study(path: Path, png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=["smoke", "full", "sgd_schedule", "sgd", "lm_epochs"], default="smoke")
+    p.add_argument(
+        "--grid", choices=["smoke", "full", "sgd_schedule", "sgd", "lm_epochs", "psac"], default="smoke"
+    )
     p.add_argument("--tasks", default="digits", help="comma-separated: " + ",".join(TASKS))
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (each 1 thread)")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")

@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_autodp
 from lightning_autodp import DPAutoStrategy
+from lightning_autodp.clipping import CLIPPING_MODES
 from lightning_autodp.report import PrivacyReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,7 +123,9 @@ def train(private: bool, args: argparse.Namespace) -> dict[str, float | str]:
     if private:
         # noise_multiplier=None: PrivacyBudget calibrates sigma so that the planned epochs spend
         # the target; a fixed --noise-multiplier trains until the target is spent instead.
-        strategy = DPAutoStrategy(noise_multiplier=args.noise_multiplier, engine=args.engine)
+        strategy = DPAutoStrategy(
+            noise_multiplier=args.noise_multiplier, engine=args.engine, clipping=args.clipping
+        )
         budget = lightning_autodp.PrivacyBudget(target_epsilon=args.target_epsilon, delta=args.delta)
         report = PrivacyReport(metric="val_acc")
         callbacks += [budget, report]
@@ -171,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "--noise-multiplier", type=float, default=None, help="fixed sigma; None: calibrated to the target"
     )
     parser.add_argument("--engine", default="auto", choices=["auto", "bk", "ghost", "hooks"])
+    parser.add_argument(
+        "--clipping",
+        default="auto_s",
+        choices=CLIPPING_MODES,
+        help="the DP run's clipping (gamma: its default)",
+    )
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when > 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-non-private", action="store_true")

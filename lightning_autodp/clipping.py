@@ -6,17 +6,30 @@ example's gradient is scaled by a factor ``C_i`` so that ``||C_i g_i|| <= R`` (`
 example is added or removed, which is what Gaussian noise of standard deviation ``sigma * R`` is
 calibrated for: the privacy accounting is the same for every mode below.
 
-=========  ==============================  ==========================================================
-mode       ``C_i``                         notes
-=========  ==============================  ==========================================================
-auto_s     ``R / (||g_i|| + gamma)``       Bu et al. 2023 ("automatic clipping", stable). Default.
-auto_v     ``R / ||g_i||``                 Every example normalised to norm ``R``; 0 where g_i = 0.
-abadi      ``min(1, R / ||g_i||)``         Abadi et al. 2016, the classic threshold (Opacus).
-=========  ==============================  ==========================================================
+=========  ===================================  =====================================================
+mode       ``C_i``                              notes
+=========  ===================================  =====================================================
+auto_s     ``R / (||g_i|| + gamma)``            Bu et al. 2023 ("automatic clipping", stable).
+                                                Default, gamma 0.01.
+psac       ``R / (||g_i|| + r_i)`` with         Xia et al. 2023 (DP-PSAC, per-sample adaptive
+           ``r_i = gamma / (||g_i|| + gamma)``  clipping); gamma is the paper's r, default 0.1.
+auto_v     ``R / ||g_i||``                      Every example normalised to norm ``R``; 0 where
+                                                g_i = 0.
+abadi      ``min(1, R / ||g_i||)``              Abadi et al. 2016, the classic threshold (Opacus).
+=========  ===================================  =====================================================
 
-Under AUTO-S and AUTO-V every factor is proportional to ``R``: with Adam-type optimisers ``R``
+Under AUTO-S, PSAC and AUTO-V every factor is proportional to ``R``: with Adam-type optimisers ``R``
 drops out of the update, with SGD it folds into the learning rate. ``gamma`` keeps examples with
 tiny gradients from being blown up to norm ``R`` (and gives the convergence guarantee).
+
+PSAC is AUTO-S with a stability constant that depends on the example's own norm,
+``r_i = gamma / (||g_i|| + gamma)``: close to 1 for an example whose gradient is far below
+``gamma`` (a fitted example keeps a small gradient, ``||C_i g_i|| ~ R ||g_i||``, instead of being
+blown up to norm ``R`` with a direction that carries little signal), close to 0 for one far above
+it (normalised to norm ``R`` as under AUTO-V). The bound holds for every norm because
+``r_i > 0``: ``||C_i g_i|| = R ||g_i|| / (||g_i|| + r_i) < R``. ``r_i`` is a function of example
+``i``'s own gradient only, like every factor here, so the sensitivity (and the accounting) is
+that of every other mode.
 """
 
 from __future__ import annotations
@@ -26,8 +39,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-ClippingMode = Literal["auto_s", "auto_v", "abadi"]
-CLIPPING_MODES: tuple[str, ...] = ("auto_s", "auto_v", "abadi")
+ClippingMode = Literal["auto_s", "psac", "auto_v", "abadi"]
+CLIPPING_MODES: tuple[str, ...] = ("auto_s", "psac", "auto_v", "abadi")
+#: ``gamma`` when none is given: AUTO-S's from Bu et al.; PSAC's r from Xia et al.
+DEFAULT_GAMMA: dict[str, float] = {"auto_s": 0.01, "psac": 0.1}
+
+
+def resolve_gamma(clipping: str, gamma: float | None) -> float:
+    """``gamma`` as given, or the mode's default when it is ``None`` (0.01 for modes without one)."""
+    if gamma is not None:
+        return gamma
+    return DEFAULT_GAMMA.get(clipping, 0.01)
 
 
 def validate_clipping(clipping: str, max_grad_norm: float, gamma: float) -> None:
@@ -35,14 +57,16 @@ def validate_clipping(clipping: str, max_grad_norm: float, gamma: float) -> None
     if clipping not in CLIPPING_MODES:
         raise ValueError(
             f"Unknown clipping={clipping!r}. Use one of {', '.join(map(repr, CLIPPING_MODES))}: "
-            "'auto_s' (default, R/(||g||+gamma)), 'auto_v' (R/||g||) or 'abadi' (min(1, R/||g||))."
+            "'auto_s' (default, R/(||g||+gamma)), 'psac' (R/(||g||+gamma/(||g||+gamma))), "
+            "'auto_v' (R/||g||) or 'abadi' (min(1, R/||g||))."
         )
     if not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}. It is the clipping bound R.")
-    if clipping == "auto_s" and not gamma > 0:
+    if clipping in DEFAULT_GAMMA and not gamma > 0:
         raise ValueError(
-            f"gamma must be > 0 with clipping='auto_s', got {gamma}. Use the default gamma=0.01, "
-            "or clipping='auto_v' for pure normalisation without a stability constant."
+            f"gamma must be > 0 with clipping={clipping!r}, got {gamma}. Use the default "
+            f"gamma={DEFAULT_GAMMA[clipping]:g}, or clipping='auto_v' for pure normalisation without a "
+            "stability constant."
         )
 
 
@@ -57,6 +81,8 @@ def clip_factors(norms: Tensor, clipping: ClippingMode, max_grad_norm: float, ga
     norms = norms.to(torch.promote_types(norms.dtype, torch.float32))  # float64 norms stay float64
     if clipping == "auto_s":
         return max_grad_norm / (norms + gamma)
+    if clipping == "psac":
+        return max_grad_norm / (norms + gamma / (norms + gamma))
     if clipping == "auto_v":
         # An example with exactly zero gradient contributes nothing, not R/0.
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))

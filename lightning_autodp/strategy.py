@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_autodp import _compat, summary
 from lightning_autodp.checks import FirstStepChecks
-from lightning_autodp.clipping import ClippingMode, clip_factors, validate_clipping
+from lightning_autodp.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
 from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.noise import NoiseSource
@@ -59,7 +59,7 @@ class DPAutoStrategy(DDPStrategy):
 
     * DP arguments: ``noise_multiplier`` (:math:`\sigma`; ``"auto"``: calibrated by a
       :class:`~lightning_autodp.PrivacyBudget`, else 1.0), ``max_grad_norm`` (:math:`R`),
-      ``clipping`` (``"auto_s"``, ``"auto_v"``, ``"abadi"``), ``gamma``, ``poisson_sampling``,
+      ``clipping`` (``"auto_s"``, ``"psac"``, ``"auto_v"``, ``"abadi"``), ``gamma``, ``poisson_sampling``,
       ``engine``, ``seed``, ``secure_mode``.
     * What a fit spent: ``noise_multiplier``, ``steps``, ``dataset_size`` (:math:`N`),
       ``sample_rate`` (:math:`q`), ``expected_batch_size`` and ``ledger`` (the ``(sigma, q)`` of
@@ -84,9 +84,12 @@ class DPAutoStrategy(DDPStrategy):
             :class:`~lightning_autodp.PrivacyBudget` callback for its target epsilon, or 1.0 when
             there is none (a resumed run keeps the checkpoint's sigma). ``None``: must be
             calibrated by such a callback. Fixed once the first step of a fit is taken.
-        clipping: ``"auto_s"`` (default) :math:`R/(\|g_i\|+\gamma)`, ``"auto_v"`` :math:`R/\|g_i\|`,
+        clipping: ``"auto_s"`` (default) :math:`R/(\|g_i\|+\gamma)`, ``"psac"``
+            :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples keep small gradients),
+            ``"auto_v"`` :math:`R/\|g_i\|`,
             ``"abadi"`` :math:`\min(1, R/\|g_i\|)`.
-        gamma: the stability constant of AUTO-S.
+        gamma: the stability constant of AUTO-S (default 0.01) or PSAC's :math:`r` (default 0.1);
+            ``None`` picks the mode's default.
         max_grad_norm: :math:`R`. Under AUTO-S/V it only rescales the update: it drops out under
             Adam-type optimizers and folds into the learning rate under SGD.
         poisson_sampling: replace the training DataLoader by Poisson samples with rate
@@ -177,7 +180,7 @@ class DPAutoStrategy(DDPStrategy):
         self,
         noise_multiplier: float | None | Literal["auto"] = AUTO,
         clipping: ClippingMode = "auto_s",
-        gamma: float = 0.01,
+        gamma: float | None = None,
         max_grad_norm: float = 1.0,
         poisson_sampling: bool = True,
         engine: Literal["auto", "bk", "ghost", "hooks"] = "auto",
@@ -213,6 +216,7 @@ class DPAutoStrategy(DDPStrategy):
         )
         if noise_multiplier not in (None, AUTO):
             _check_noise_multiplier(noise_multiplier)
+        gamma = resolve_gamma(clipping, gamma)
         validate_clipping(clipping, max_grad_norm, gamma)
         if engine not in ENGINE_NAMES:
             raise ValueError(f"Unknown engine={engine!r}. Use one of {', '.join(map(repr, ENGINE_NAMES))}.")

@@ -26,6 +26,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_autodp.clipping import DEFAULT_GAMMA
+
 #: delta used for the end-of-fit epsilon when no PrivacyBudget sets one (see :func:`default_delta`)
 DEFAULT_DELTA = 1e-5
 #: accountant used for the end-of-fit epsilon when no PrivacyBudget sets one
@@ -165,7 +167,7 @@ def format_start_line(strategy: Any, planned_steps: float) -> str:
     q = _sample_rate_or_none(strategy)
     engine = getattr(getattr(strategy, "_engine", None), "name", strategy.engine)
     clipping = f"clipping={strategy.clipping}, max_grad_norm={strategy.max_grad_norm:g}"
-    if strategy.clipping == "auto_s":
+    if strategy.clipping in DEFAULT_GAMMA:
         clipping += f", gamma={strategy.gamma:g}"
     planned = "until stopped" if not math.isfinite(planned_steps) else f"{int(planned_steps)} steps planned"
     return (

@@ -32,10 +32,14 @@ def reference_factors(norms: Tensor, clipping: str, max_grad_norm: float, gamma:
     for norm in norms.tolist():
         if clipping == "auto_s":
             out.append(max_grad_norm / (norm + gamma))
+        elif clipping == "psac":  # Xia et al. 2023, Algorithm 1: C / (||g|| + r / (||g|| + r))
+            out.append(max_grad_norm / (norm + gamma / (norm + gamma)))
         elif clipping == "auto_v":
             out.append(0.0 if norm == 0 else max_grad_norm / norm)
         elif clipping == "abadi":
             out.append(min(1.0, max_grad_norm / norm) if norm > 0 else 1.0)
+        else:
+            raise ValueError(f"no reference for clipping={clipping!r}")
     return torch.tensor(out, dtype=torch.float64)
 
 

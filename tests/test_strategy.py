@@ -14,11 +14,11 @@ from lightning_autodp import DPAutoStrategy
 
 CASES = ["linear", "linear3d", "conv1d", "conv2d", "embedding", "layernorm", "groupnorm", "transformer"]
 ENGINES = ["hooks", "bk", "ghost"]
-CLIPPINGS = ["auto_s", "auto_v", "abadi"]
+CLIPPINGS = ["auto_s", "psac", "auto_v", "abadi"]
 
 
 def _one_sgd_step(
-    net, x, y, *, engine, clipping, max_grad_norm, reduction="mean", batch_size=8, accumulate=1
+    net, x, y, *, engine, clipping, max_grad_norm, reduction="mean", batch_size=8, accumulate=1, gamma=0.01
 ):
     model = Classifier(copy.deepcopy(net), reduction=reduction, optimizer="sgd", lr=1.0)
     before = [p.detach().clone() for p in model.net.parameters()]
@@ -26,7 +26,7 @@ def _one_sgd_step(
         noise_multiplier=0.0,
         clipping=clipping,
         max_grad_norm=max_grad_norm,
-        gamma=0.01,
+        gamma=gamma,
         poisson_sampling=False,
         engine=engine,
         loss_reduction=reduction,
@@ -65,9 +65,11 @@ def test_clipped_mean_matches_per_example_loop(case, engine):
     # A bound between the smallest and largest norm, so Abadi clips some examples and not others.
     median = norms.median().item()
     assert norms.min() < median < norms.max() or len(set(norms.tolist())) == 1
+    # PSAC's r at the median too: examples on both sides of it (damped below, normalised above).
     for clipping in CLIPPINGS:
-        update = _one_sgd_step(net, x, y, engine=engine, clipping=clipping, max_grad_norm=median)
-        expected = reference_clipped_mean(grads, clipping, median, 0.01, batch_size=len(x))
+        gamma = median if clipping == "psac" else 0.01
+        update = _one_sgd_step(net, x, y, engine=engine, clipping=clipping, max_grad_norm=median, gamma=gamma)
+        expected = reference_clipped_mean(grads, clipping, median, gamma, batch_size=len(x))
         _assert_close(update, expected)
 
 

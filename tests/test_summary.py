@@ -152,3 +152,16 @@ def test_calibrating_without_a_target_names_both_fixes():
     with pytest.raises(ValueError, match=r"PrivacyBudget\(target_epsilon=...\)") as err:
         trainer.fit(Classifier(net), loader(x, y, batch_size=BATCH))
     assert "DPAutoStrategy(noise_multiplier=1.0)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({}, "clipping=auto_s, max_grad_norm=1, gamma=0.01,"),
+        ({"clipping": "psac"}, "clipping=psac, max_grad_norm=1, gamma=0.1,"),
+        ({"clipping": "abadi", "max_grad_norm": 0.5}, "clipping=abadi, max_grad_norm=0.5, poisson"),
+    ],
+)
+def test_the_start_line_names_the_clipping_and_its_gamma_where_it_has_one(kwargs, shown):
+    line = summary.format_start_line(DPAutoStrategy(noise_multiplier=1.0, **kwargs), 10)
+    assert shown in line

@@ -45,6 +45,26 @@ def test_every_method_gets_the_same_lr_trials_and_seeds(utility, grid, tasks):
             assert len({seed for _, seed in next(iter(budgets))}) >= 3, table
 
 
+@pytest.mark.parametrize(
+    ("task", "joined"), [("digits", ["sgd_schedule", "sgd"]), ("char_lm", []), ("text", ["full"])]
+)
+def test_psac_joins_its_tables_with_the_same_lr_trials_and_seeds(utility, task, joined):
+    psac = utility.build_grid("psac", [task])
+    configs = psac + [c for grid in joined for c in utility.build_grid(grid, [task])]
+    assert len({c.key() for c in configs}) == len(configs), "PSAC reruns a configuration"
+    trials = defaultdict(lambda: defaultdict(set))
+    for c in configs:
+        trials[(c.task, c.study, c.epsilon, c.optimizer, c.batch_size, c.epochs)][c.method].add(
+            (c.lr, c.seed)
+        )
+    with_psac = {t for t, methods in trials.items() if "psac r=0.1" in methods}
+    assert with_psac == {(c.task, c.study, c.epsilon, c.optimizer, c.batch_size, c.epochs) for c in psac}
+    for table in with_psac:
+        methods = trials[table]
+        assert len(set(map(frozenset, methods.values()))) == 1, f"unequal trials in {table}"
+        assert "auto_s g=0.01" in methods and any(m.startswith("abadi") for m in methods), table
+
+
 def _records(utility, rng):
     """Synthetic results: 2 methods x 3 lrs x 4 seeds; validation rises with the lr, test falls."""
     out = []
@@ -183,3 +203,30 @@ def test_fixed_abadi_table_pairs_the_default_with_abadi_at_that_r_seed_by_seed(u
     assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
     assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)  # sqrt(4 seeds)
     assert utility.fixed_abadi_table(records, r=1.0)[2:] == []  # no Abadi R = 1 run: no row
+
+
+def test_psac_table_pairs_psac_with_the_abadi_r_validation_chose_and_the_default(utility):
+    rng = random.Random(2)
+    records = _records(utility, rng)  # the default and Abadi R = 3
+    assert utility.psac_table(records)[2:] == []  # no PSAC run: no row
+    for i, lr in enumerate((1e-3, 2e-3, 5e-3)):
+        for seed in range(4):
+            cfg = utility.Config("digits", "main", 3.0, "psac", 0.1, 1.0, "adam", lr, seed, 64, 40)
+            res = {
+                "val": 0.6 + 0.1 * i,
+                "test": 0.95 - 0.1 * i + 0.05 * rng.random(),
+                "sigma": 2.0,
+                "steps": 800,
+            }
+            records.append({"config": asdict(cfg), "result": res})
+    summary = utility.summarise(records)
+    table = ("digits", "main", 3.0, "adam", 64, 40)
+    psac, default, abadi = (summary[(*table, m)] for m in ("psac r=0.1", "auto_s g=0.01", "abadi R=3"))
+    (row,) = utility.psac_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == f"{psac['mean']:.4f}" and cells[7] == f"{abadi['mean']:.4f} (R=3)"
+    for cell, other in ((cells[8], abadi), (cells[9], default)):
+        diffs = [p - o for p, o in zip(psac["tests"], other["tests"])]
+        gap, se = cell.split(" +- ")
+        assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+        assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)
