@@ -681,6 +681,12 @@ NOTES = [
     "default and Abadi R = 3; the cosine table keeps 3 seeds. **digits SGD at batch 256 x 60** "
     "(`--grid sgd`, the `batch` study) asks whether the large batch that put the default ahead under "
     "Adam does so under SGD (lr * R in 0.01 to 0.3).",
+    "- **CPU rerun** tables (`--grid psac`, study `cpu`): digits Adam (epsilon 3 and 1 at batch 64, "
+    "epsilon 3 at batch 256) and the char LM (epsilon 3, one lr trial: 3e-3, the lr every method "
+    "chose on the H200 machine) rerun on the 2-core CPU with the current code, the default, PSAC (r ="
+    " 0.1) and Abadi R in {1, 3, 10} (char LM: {0.1, 1}); the digits lr trials are 2e-3, 5e-3, 1e-2. "
+    "The H200 tables of the same settings used an older noise stream: other draws. In the digits SGD "
+    "and text tables PSAC joined the existing runs with their lr trials and seeds.",
     "- **char LM under SGD** is not gridded: a probe (seed 0, epsilon 3, the default, momentum 0.9) "
     "diverged at lr * R = 1 and 3 and reached test perplexity 25.8 at 0.3 after the 2 epochs that "
     "give 11.1 with Adam (records in `utility_results_char_lm_sgd_probe.jsonl`): SGD is not a "

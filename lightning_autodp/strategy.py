@@ -90,7 +90,7 @@ class DPAutoStrategy(DDPStrategy):
             ``"abadi"`` :math:`\min(1, R/\|g_i\|)`.
         gamma: the stability constant of AUTO-S (default 0.01) or PSAC's :math:`r` (default 0.1);
             ``None`` picks the mode's default.
-        max_grad_norm: :math:`R`. Under AUTO-S/V it only rescales the update: it drops out under
+        max_grad_norm: :math:`R`. Under AUTO-S/V and PSAC it only rescales the update: it drops out under
             Adam-type optimizers and folds into the learning rate under SGD.
         poisson_sampling: replace the training DataLoader by Poisson samples with rate
             :math:`q` = ``batch_size * accumulate_grad_batches * world_size / len(dataset)``, the
