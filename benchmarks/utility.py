@@ -222,7 +222,7 @@ def _psac_grid(task: str) -> list[Config]:
             _main_grid(task, [3.0], [PSAC], ["sgd"], range(8), None, {"sgd": (0.01, 0.03)}, "constant")
         )
         sgd_256 = _batch_grid(task, range(3), [(256, 60)], "sgd", (0.01, 0.03, 0.1, 0.3))
-        out += [replace(c, clipping="psac", gamma=0.1) for c in sgd_256 if c.clipping == "auto_s"]
+        out += [replace(c, clipping=PSAC[0], gamma=PSAC[1]) for c in sgd_256 if c.clipping == "auto_s"]
         methods = (METHODS_FULL[0], PSAC, ("abadi", 0.01, 1.0), ("abadi", 0.01, 3.0), ("abadi", 0.01, 10.0))
         adam_lrs = {"adam": (2e-3, 5e-3, 1e-2)}
         # 5 seeds: with 3 the lr chosen on the 180 validation digits flipped on near-ties (PSAC, at
@@ -811,6 +811,20 @@ def render_report(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _best_of(
+    methods: Iterable[tuple[str, dict[str, Any]]], kind: str, sign: float, key: str = "val"
+) -> tuple[str, dict[str, Any]] | None:
+    """The method of ``kind`` (``abadi``, ``auto_s``, ...) with the best ``key`` metric, or ``None``."""
+    of_kind = [(m, s) for m, s in methods if m.startswith(kind)]
+    return max(of_kind, key=lambda x: sign * x[1][key]) if of_kind else None
+
+
+def _row_start(table: tuple) -> str:
+    """The first five cells of a report row: task, eps, optimizer, batch x epochs, metric."""
+    task, study, eps, opt, batch, epochs = table
+    return f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {TASKS[task].metric} "
+
+
 def overview_table(records: list[dict[str, Any]]) -> list[str]:
     """One line per table: the default, the best AUTO-S gamma, Abadi with R chosen by validation.
 
@@ -824,22 +838,19 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
         "| best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) | seeds | machine |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (task, study, eps, opt, batch, epochs), methods in sorted(tables.items()):
-        spec = TASKS[task]
-        sign = 1.0 if spec.higher_is_better else -1.0
+    for table, methods in sorted(tables.items()):
+        sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
         default = methods.get("auto_s g=0.01")
-        abadi = [(m, s) for m, s in methods.items() if m.startswith("abadi")]
-        autos = [(m, s) for m, s in methods.items() if m.startswith("auto_s")]
-        if default is None or not abadi:
+        best_abadi = _best_of(methods.items(), "abadi", sign)
+        if default is None or best_abadi is None:
             continue
-        a_name, a = max(abadi, key=lambda x: sign * x[1]["val"])
-        g_name, g = max(autos, key=lambda x: sign * x[1]["val"])
+        a_name, a = best_abadi
+        g_name, g = _best_of(methods.items(), "auto_s", sign)
         gap, se = _paired_gap(default["tests"], a["tests"], sign)
         lines.append(
-            f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
-            f"| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
+            f"{_row_start(table)}| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
             f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {gap:+.4f} +- {se:.4f} "
-            f"| {default['n']} | {machines[(task, study, eps, opt, batch, epochs)].split(' (')[0]} |"
+            f"| {default['n']} | {machines[table].split(' (')[0]} |"
         )
     return lines
 
@@ -857,21 +868,18 @@ def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> lis
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
+        sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
         psac, default = methods.get(method), methods.get("auto_s g=0.01")
-        abadi = [(m, s) for m, s in methods.items() if m.startswith("abadi")]
-        if psac is None or default is None or not abadi:
+        best_abadi = _best_of(methods.items(), "abadi", sign)
+        if psac is None or default is None or best_abadi is None:
             continue
-        task, study, eps, opt, batch, epochs = table
-        spec = TASKS[task]
-        sign = 1.0 if spec.higher_is_better else -1.0
-        a_name, a = max(abadi, key=lambda x: sign * x[1]["val"])
+        a_name, a = best_abadi
         gap_a, se_a = _paired_gap(psac["tests"], a["tests"], sign)
         gap_d, se_d = _paired_gap(psac["tests"], default["tests"], sign)
         lines.append(
-            f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
-            f"| {psac['mean']:.4f} | {default['mean']:.4f} | {a['mean']:.4f} ({a_name.split(' ')[1]}) "
-            f"| {gap_a:+.4f} +- {se_a:.4f} | {gap_d:+.4f} +- {se_d:.4f} "
-            f"| {psac['n']} | {machines[table].split(' (')[0]} |"
+            f"{_row_start(table)}| {psac['mean']:.4f} | {default['mean']:.4f} "
+            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {gap_a:+.4f} +- {se_a:.4f} "
+            f"| {gap_d:+.4f} +- {se_d:.4f} | {psac['n']} | {machines[table].split(' (')[0]} |"
         )
     return lines
 
@@ -884,16 +892,14 @@ def fixed_abadi_table(records: list[dict[str, Any]], r: float = 1.0) -> list[str
         f"| Abadi R={r:g} | default - Abadi R={r:g} | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (task, study, eps, opt, batch, epochs), methods in sorted(tables.items()):
+    for table, methods in sorted(tables.items()):
         default, abadi = methods.get("auto_s g=0.01"), methods.get(f"abadi R={r:g}")
         if default is None or abadi is None:
             continue
-        spec = TASKS[task]
-        sign = 1.0 if spec.higher_is_better else -1.0
+        sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
         gap, se = _paired_gap(default["tests"], abadi["tests"], sign)
         lines.append(
-            f"| {task} | {eps:g} | {_optimizer_label(opt, study)} | {batch} x {epochs} | {spec.metric} "
-            f"| {default['mean']:.4f} | {abadi['mean']:.4f} | {gap:+.4f} +- {se:.4f} "
+            f"{_row_start(table)}| {default['mean']:.4f} | {abadi['mean']:.4f} | {gap:+.4f} +- {se:.4f} "
             f"| {default['n']} |"
         )
     return lines
@@ -906,13 +912,12 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
     (chosen after the fact, which favours Abadi) is given too.
     """
     by = dict(rows)
-    abadi = [(m, s) for m, s in rows if m.startswith("abadi")]
-    if "auto_s g=0.01" not in by or not abadi:
-        return "(default or Abadi missing from this table)"
     sign = 1.0 if spec.higher_is_better else -1.0
+    if "auto_s g=0.01" not in by or _best_of(rows, "abadi", sign) is None:
+        return "(default or Abadi missing from this table)"
     parts = []
     for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
-        name, best = max(abadi, key=lambda x: sign * x[1][key])
+        name, best = _best_of(rows, "abadi", sign, key)
         gap, se = _paired_gap(by["auto_s g=0.01"]["tests"], best["tests"], sign)
         side = "ahead of" if gap > 0 else "behind"
         within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
