@@ -1,7 +1,12 @@
-"""Runs one DP training on 1 or 2 CPU processes (gloo); each rank writes what it saw as JSON.
+"""Runs DP trainings on 1 or 2 CPU processes (gloo); each rank writes what it saw as JSON.
 
 Used by test_ddp.py through a subprocess: Lightning's launcher re-runs this script for rank 1.
-    python tests/ddp_worker.py MODE DEVICES OUTDIR
+    python tests/ddp_worker.py SCENARIO[,SCENARIO...] DEVICES OUTDIR
+
+A scenario is a mode with an optional variant, ``mode@variant``: ``@bk``/``@hooks`` pick the engine
+(``auto`` otherwise), ``exact@buckets`` all-reduces in buckets of about 100 bytes. Several scenarios
+run one after the other in the same processes, each with its own Trainer and seed: starting two
+interpreters and a process group costs more than these trainings.
 """
 
 from __future__ import annotations
@@ -70,9 +75,15 @@ def data(n: int) -> TensorDataset:
     )
 
 
-def main(mode: str, devices: int, outdir: str) -> None:
+def main(scenarios: str, devices: int, outdir: str) -> None:
+    for scenario in scenarios.split(","):
+        run_scenario(scenario, devices, outdir)
+
+
+def run_scenario(scenario: str, devices: int, outdir: str) -> None:
+    mode, _, variant = scenario.partition("@")
     L.seed_everything(42, verbose=False)
-    engine = os.environ.get("DP_ENGINE", "auto")
+    engine = variant if variant in ("bk", "hooks", "ghost") else "auto"
     recorder = Recorder()
     callbacks = [recorder]
     kwargs = dict(
@@ -94,7 +105,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
             poisson_sampling=False,
             clipping="abadi",
             max_grad_norm=0.5,
-            bucket_cap_mb=float(os.environ.get("DP_BUCKET_MB", 25)),
+            bucket_cap_mb=100 / 2**20 if variant == "buckets" else 25.0,
         )
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=3, callbacks=callbacks, **kwargs)
@@ -142,14 +153,17 @@ def main(mode: str, devices: int, outdir: str) -> None:
         kwargs.update(enable_progress_bar=True, logger=CSVLogger(outdir, name="csv", version=0))
         trainer = L.Trainer(strategy=strategy, max_epochs=100, callbacks=[recorder, budget], **kwargs)
     else:
-        raise KeyError(mode)
+        raise KeyError(scenario)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, loader)
+    faulthandler.cancel_dump_traceback_later()  # epsilon_log's hang guard: later scenarios are not hangs
     out = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "steps": strategy.steps,
+        "engine": strategy.engine,
+        "bucket_cap_mb": strategy.bucket_cap_mb,
         "sample_rate": strategy.sample_rate if strategy.poisson_sampling else None,
         "expected_batch_size": strategy.expected_batch_size if strategy.poisson_sampling else None,
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
@@ -160,7 +174,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
         out["epsilon"] = budget.epsilon
         out["history"] = budget.history
     out["sync_dist_warnings"] = [str(w.message) for w in caught if "sync_dist" in str(w.message)]
-    with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+    with open(os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)
 
 

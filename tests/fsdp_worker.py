@@ -1,7 +1,13 @@
-"""Runs one dp_fsdp training on 1 or 2 CPU processes (gloo); each rank writes what it saw as JSON.
+"""Runs dp_fsdp trainings on 1 or 2 CPU processes (gloo); each rank writes what it saw as JSON.
 
 Used by test_fsdp.py through a subprocess: Lightning's launcher re-runs this script for rank 1.
-    python tests/fsdp_worker.py MODE DEVICES OUTDIR
+    python tests/fsdp_worker.py SCENARIO[,SCENARIO...] DEVICES OUTDIR
+
+A scenario is a mode with an optional variant, ``mode@variant``: ``exact@ghost`` runs the ghost
+engine (bk otherwise), ``interrupted@consolidated``/``resumed@consolidated`` write and read a
+consolidated checkpoint (sharded otherwise). Several scenarios run one after the other in the same
+processes, each with its own Trainer and seed: starting two interpreters and a process group costs
+more than most scenarios' training.
 """
 
 from __future__ import annotations
@@ -147,9 +153,15 @@ def data(n: int) -> TensorDataset:
     )
 
 
-def main(mode: str, devices: int, outdir: str) -> None:
+def main(scenarios: str, devices: int, outdir: str) -> None:
+    for scenario in scenarios.split(","):
+        run_scenario(scenario, devices, outdir)
+
+
+def run_scenario(scenario: str, devices: int, outdir: str) -> None:
+    mode, _, variant = scenario.partition("@")
     L.seed_everything(42, verbose=False)
-    engine = os.environ.get("DP_ENGINE", "bk")
+    engine = "ghost" if variant == "ghost" else "bk"
     recorder = Recorder(keep_local=(mode == "noise"))
     empty_counter = EmptyCounter()
     callbacks: list = [recorder]
@@ -231,26 +243,27 @@ def main(mode: str, devices: int, outdir: str) -> None:
     elif mode in ("uninterrupted", "interrupted", "resumed"):
         # Poisson sampling, noise, a budget; 8 steps per epoch; resume from the step-6 checkpoint.
         budget = PrivacyBudget(target_epsilon=50.0, delta=1e-5, accountant="rdp")
-        sharded = os.environ.get("DP_SHARDED_CHECKPOINT", "1") == "1"
+        sharded = variant != "consolidated"
         strategy = DPFSDPStrategy(engine=engine, noise_multiplier=1.0, seed=7, sharded_checkpoint=sharded)
         loader = DataLoader(data(64), batch_size=8 // devices)
+        ckpt_dir = os.path.join(outdir, f"checkpoints-{variant or 'sharded'}")
         ckpt = L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=outdir, every_n_train_steps=6, save_top_k=-1, filename="{step}"
+            dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1, filename="{step}"
         )
         callbacks = [recorder, budget] + ([ckpt] if mode == "interrupted" else [])
         kwargs["enable_checkpointing"] = mode == "interrupted"
         max_steps = 6 if mode == "interrupted" else 10
         trainer = L.Trainer(strategy=strategy, max_steps=max_steps, callbacks=callbacks, **kwargs)
         if mode == "resumed":
-            (fit_kwargs["ckpt_path"],) = glob.glob(os.path.join(outdir, "step=6.ckpt"))
+            (fit_kwargs["ckpt_path"],) = glob.glob(os.path.join(ckpt_dir, "step=6.ckpt"))
     else:
-        raise KeyError(mode)
+        raise KeyError(scenario)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(model, loader, **fit_kwargs)
     except EngineVerificationError as err:
-        with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+        with open(os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"refused": str(err), "steps": strategy.steps}, f)
         return
     out = {
@@ -258,6 +271,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "steps": strategy.steps,
+        "engine": strategy.engine,
         "sharded": any(isinstance(p, DTensor) for p in model.parameters()),
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
         "expected_batch_size": strategy.expected_batch_size if strategy.poisson_sampling else None,
@@ -272,7 +286,7 @@ def main(mode: str, devices: int, outdir: str) -> None:
         "empty_steps": empty_counter.empty_steps,
         "verify_warnings": [str(w.message) for w in caught if "could not verify" in str(w.message)],
     }
-    with open(os.path.join(outdir, f"{mode}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+    with open(os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)
 
 

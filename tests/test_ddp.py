@@ -17,25 +17,42 @@ from tests.test_accounting import opacus_epsilon
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def run(
-    mode: str, devices: int, tmp_path: Path, engine: str | None = None, bucket_mb: float | None = None
-) -> list[dict]:
-    env = dict(os.environ)
-    if engine is not None:
-        env["DP_ENGINE"] = engine
-    if bucket_mb is not None:
-        env["DP_BUCKET_MB"] = str(bucket_mb)
+def run(scenarios: list[str], devices: int, outdir: Path) -> dict[str, list[dict]]:
+    """Runs ``scenarios`` one after the other in one launch; each one's JSON per rank, by scenario."""
+    outdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(devices), str(tmp_path)],
-        timeout=180,
+        [sys.executable, str(WORKER), ",".join(scenarios), str(devices), str(outdir)],
+        timeout=600,
         capture_output=True,
         text=True,
-        env=env,
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(f"ddp_worker {mode} on {devices} process(es) exited {proc.returncode}:\n{tail}")
-    return [json.loads((tmp_path / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+        raise AssertionError(
+            f"ddp_worker {scenarios} on {devices} process(es) exited {proc.returncode}:\n{tail}"
+        )
+    return {
+        s: [json.loads((outdir / f"{s}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+        for s in scenarios
+    }
+
+
+#: The two-process scenarios that end in a result, in one launch (starting two interpreters and a
+#: process group takes longer than these trainings). epsilon_log last: it arms a hang guard.
+TWO_RANK_SCENARIOS = ["exact", "exact@buckets", "accumulate", "noise", "empty", "budget", "epsilon_log"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[dict[str, list[dict]], Path]:
+    outdir = tmp_path_factory.mktemp("two_ranks")
+    return run(TWO_RANK_SCENARIOS, 2, outdir), outdir
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict[str, dict]:
+    """The same trainings on one process, for the runs that must equal it."""
+    runs = run(["exact", "accumulate"], 1, tmp_path_factory.mktemp("one_rank"))
+    return {s: ranks[0] for s, ranks in runs.items()}
 
 
 def _rel(a, b) -> float:
@@ -43,34 +60,33 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_two_ranks_equal_one_process_on_the_union(tmp_path):
-    one = run("exact", 1, tmp_path)[0]
-    rank0, rank1 = run("exact", 2, tmp_path)
+def test_two_ranks_equal_one_process_on_the_union(two_ranks, one_rank):
+    one = one_rank["exact"]
+    rank0, rank1 = two_ranks[0]["exact"]
     assert rank0["world_size"] == 2 and rank0["steps"] == rank1["steps"] == one["steps"] == 3
     assert rank0["params"] == rank1["params"]
     assert _rel(rank0["params"], one["params"]) < 1e-5
 
 
-def test_bucketed_all_reduce_gives_the_same_update(tmp_path):
-    (tmp_path / "flat").mkdir()
-    (tmp_path / "buckets").mkdir()
-    one_bucket = run("exact", 2, tmp_path / "flat")
+def test_bucketed_all_reduce_gives_the_same_update(two_ranks):
+    one_bucket = two_ranks[0]["exact"]
     # about 100 bytes per bucket: the 83 float64 parameters of the model go in several all-reduces
-    many_buckets = run("exact", 2, tmp_path / "buckets", bucket_mb=100 / 2**20)
+    many_buckets = two_ranks[0]["exact@buckets"]
+    assert many_buckets[0]["bucket_cap_mb"] * 2**20 == 100 and one_bucket[0]["bucket_cap_mb"] == 25
     for a, b in zip(one_bucket, many_buckets):
         assert a["params"] == b["params"] and a["grads"] == b["grads"]
 
 
-def test_accumulation_under_ddp_equals_one_process(tmp_path):
-    one = run("accumulate", 1, tmp_path)[0]
-    rank0, rank1 = run("accumulate", 2, tmp_path)
+def test_accumulation_under_ddp_equals_one_process(two_ranks, one_rank):
+    one = one_rank["accumulate"]
+    rank0, rank1 = two_ranks[0]["accumulate"]
     assert rank0["steps"] == one["steps"] == 2
     assert rank0["params"] == rank1["params"]
     assert _rel(rank0["params"], one["params"]) < 1e-5
 
 
-def test_noise_enters_once_across_ranks(tmp_path):
-    rank0, rank1 = run("noise", 2, tmp_path)
+def test_noise_enters_once_across_ranks(two_ranks):
+    rank0, rank1 = two_ranks[0]["noise"]
     sigma, max_grad_norm = 1.0, 2.0
     assert rank0["expected_batch_size"] == pytest.approx(16.0)  # q * N = (8 per rank * 2) / 64 * 64
     expected = sigma * max_grad_norm / rank0["expected_batch_size"]
@@ -86,8 +102,8 @@ def test_noise_enters_once_across_ranks(tmp_path):
     assert (corr.abs() < 0.05).all()
 
 
-def test_empty_batches_on_a_rank_do_not_hang(tmp_path):
-    rank0, rank1 = run("empty", 2, tmp_path)
+def test_empty_batches_on_a_rank_do_not_hang(two_ranks):
+    rank0, rank1 = two_ranks[0]["empty"]
     # q = 2 / 20: 10 steps an epoch, and a rank's 10-example shard is often empty
     assert rank0["steps"] == rank1["steps"] == 20
     assert rank0["params"] == rank1["params"]
@@ -110,8 +126,8 @@ def test_a_verification_failure_on_one_rank_stops_every_rank(tmp_path):
     assert "failed on 1 other rank(s)" in output
 
 
-def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
-    rank0, rank1 = run("budget", 2, tmp_path)
+def test_privacy_budget_stops_both_ranks_at_the_same_step(two_ranks):
+    rank0, rank1 = two_ranks[0]["budget"]
     assert rank0["steps"] == rank1["steps"] == rank0["global_step"] > 0
     assert rank0["epsilon"] == rank1["epsilon"]
     q = rank0["sample_rate"]
@@ -121,32 +137,33 @@ def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
     assert rank0["epsilon"] <= 2.0 < opacus_epsilon("rdp", [(2.0, q, rank0["steps"] + 1)], delta=1e-3)
 
 
-def test_epsilon_is_logged_without_the_sync_dist_warning_or_a_hang(tmp_path):
+def test_epsilon_is_logged_without_the_sync_dist_warning_or_a_hang(two_ranks):
     # Without sync_dist, Lightning warns on rank 0 that the epoch-level epsilon is not reduced. With a
     # plain sync_dist=True the reduction ran where the progress bar read the metric (rank 0 only) and,
     # on rank 1, at its next read after the LightningModule's all_gather: the collectives crossed and
     # the ranks hung.
-    rank0, rank1 = run("epsilon_log", 2, tmp_path)
+    runs, outdir = two_ranks
+    rank0, rank1 = runs["epsilon_log"]
     assert rank0["sync_dist_warnings"] == rank1["sync_dist_warnings"] == []
     assert rank0["history"] == rank1["history"]
     q = rank0["sample_rate"]
     steps = [s for _, s, _ in rank0["history"]]
     assert steps == [4, 8, 12, 16, 17]  # 4 steps an epoch; the budget stops after step 17 (budget test)
-    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+    with open(outdir / "csv" / "version_0" / "metrics.csv") as f:
         logged = [float(row["epsilon"]) for row in csv.DictReader(f) if row["epsilon"]]
     expected = [opacus_epsilon("rdp", [(2.0, q, s)], delta=1e-3) for s in steps]
     assert logged == pytest.approx(expected, rel=1e-6)  # the CSV holds float32
 
 
-# ghost draws nothing bk does not (the engines own no randomness): bk and hooks cover both code paths
-@pytest.mark.parametrize("engine", ["bk", "hooks"])
-def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path, engine):
-    runs = []
-    for name in ("first", "second"):
-        (tmp_path / name).mkdir()
-        runs.append(run("noise", 2, tmp_path / name, engine=engine))
-    for a, b in zip(*runs):
-        assert a["params"] == b["params"] and a["grads"] == b["grads"]
+def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path):
+    # two launches of the same seeded runs; ghost draws nothing bk does not (the engines own no
+    # randomness): bk and hooks cover both code paths
+    scenarios = ["noise@bk", "noise@hooks"]
+    first, second = (run(scenarios, 2, tmp_path / name) for name in ("first", "second"))
+    for scenario in scenarios:
+        assert [r["engine"] for r in first[scenario]] == [scenario.split("@")[1]] * 2
+        for a, b in zip(first[scenario], second[scenario]):
+            assert a["params"] == b["params"] and a["grads"] == b["grads"]
 
 
 def test_one_process_fit_leaves_no_launch_variables_behind(monkeypatch):

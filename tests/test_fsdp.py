@@ -22,20 +22,46 @@ from tests.reference import per_example_gradients, reference_clipped_mean
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def run(mode: str, devices: int, outdir: Path, engine: str = "bk", **env_vars: str) -> list[dict]:
+def run(scenarios: list[str], devices: int, outdir: Path) -> dict[str, list[dict]]:
+    """Runs ``scenarios`` one after the other in one launch; each one's JSON per rank, by scenario."""
     outdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DP_ENGINE": engine, "OMP_NUM_THREADS": "1", **env_vars}
     proc = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(devices), str(outdir)],
-        timeout=300,
+        [sys.executable, str(WORKER), ",".join(scenarios), str(devices), str(outdir)],
+        timeout=600,
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(f"fsdp_worker {mode} on {devices} process(es) exited {proc.returncode}:\n{tail}")
-    return [json.loads((outdir / f"{mode}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+        raise AssertionError(
+            f"fsdp_worker {scenarios} on {devices} process(es) exited {proc.returncode}:\n{tail}"
+        )
+    return {
+        s: [json.loads((outdir / f"{s}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
+        for s in scenarios
+    }
+
+
+#: The two-process scenarios that end in a result (not a refusal), all in one launch: starting the
+#: two interpreters and the process group takes longer than most of these trainings.
+TWO_RANK_SCENARIOS = [
+    "exact", "exact@ghost", "llama", "accumulate", "bf16", "noise", "sparse", "budget", "unsliceable",
+    "uninterrupted", "interrupted", "resumed", "interrupted@consolidated", "resumed@consolidated",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    return run(TWO_RANK_SCENARIOS, 2, tmp_path_factory.mktemp("two_ranks"))
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict[str, dict]:
+    """The same trainings on one process (unsharded), for the runs that must equal it."""
+    return {
+        s: ranks[0] for s, ranks in run(["exact", "accumulate"], 1, tmp_path_factory.mktemp("one")).items()
+    }
 
 
 def _rel(a, b) -> float:
@@ -55,22 +81,23 @@ def reference_first_gradient() -> list[float]:
 
 
 @pytest.mark.parametrize("engine", ["bk", "ghost"])
-def test_sharded_update_equals_the_per_example_loop_on_the_union(tmp_path, engine):
-    rank0, rank1 = run("exact", 2, tmp_path, engine)
+def test_sharded_update_equals_the_per_example_loop_on_the_union(two_ranks, one_rank, engine):
+    rank0, rank1 = two_ranks["exact" if engine == "bk" else "exact@ghost"]
     assert rank0["sharded"] and rank1["sharded"] and rank0["steps"] == rank1["steps"] == 2
+    assert rank0["engine"] == rank1["engine"] == engine
     assert rank0["fsdp_units"] == 3  # the default policy: each of the 2 blocks, and the root
     # the gradient the optimizer saw at the first step (gathered from the shards)
     assert _rel(rank0["grads"][0], reference_first_gradient()) < 1e-10
     assert rank0["params"] == rank1["params"]
     if engine == "bk":  # the second step too: the whole run equals dp_fsdp on one process (unsharded)
-        one = run("exact", 1, tmp_path / "one", engine)[0]
+        one = one_rank["exact"]
         assert not one["sharded"]
         assert _rel(rank0["params"], one["params"]) < 1e-10
 
 
-def test_sharded_llama_update_equals_the_per_example_loop(tmp_path):
+def test_sharded_llama_update_equals_the_per_example_loop(two_ranks):
     # a real model: transformers' Llama, its decoder layers as FSDP units, LlamaRMSNorm's one-backward rule
-    rank0, rank1 = run("llama", 2, tmp_path)
+    rank0, rank1 = two_ranks["llama"]
     assert rank0["sharded"] and rank0["fsdp_units"] == 3 and rank0["grads"] == rank1["grads"]
     model = tiny_llama()
     ids = data(8).tensors[0]
@@ -81,23 +108,23 @@ def test_sharded_llama_update_equals_the_per_example_loop(tmp_path):
     assert _rel(rank0["grads"][0], expected.tolist()) < 1e-10
 
 
-def test_accumulation_and_the_users_own_units_equal_one_process(tmp_path):
-    rank0, _ = run("accumulate", 2, tmp_path)
+def test_accumulation_and_the_users_own_units_equal_one_process(two_ranks, one_rank):
+    rank0, _ = two_ranks["accumulate"]
     assert rank0["fsdp_units"] == 2  # configure_model's unit (the first block) is kept, plus the root
-    one = run("accumulate", 1, tmp_path / "one")[0]
+    one = one_rank["accumulate"]
     assert rank0["steps"] == one["steps"] == 1
     assert _rel(rank0["params"], one["params"]) < 1e-10
 
 
-def test_bf16_mixed_precision_update_is_the_clipped_mean_to_bf16_accuracy(tmp_path):
-    rank0, rank1 = run("bf16", 2, tmp_path)
+def test_bf16_mixed_precision_update_is_the_clipped_mean_to_bf16_accuracy(two_ranks):
+    rank0, rank1 = two_ranks["bf16"]
     assert rank0["sharded"] and rank0["grads"] == rank1["grads"]
     # bf16 keeps about 3 digits; a missing or doubled reduction is off by 50% or 100%
     assert _rel(rank0["grads"][0], reference_first_gradient()) < 3e-2
 
 
-def test_noise_enters_every_shard_once(tmp_path):
-    ranks = run("noise", 2, tmp_path)
+def test_noise_enters_every_shard_once(two_ranks):
+    ranks = two_ranks["noise"]
     sigma, max_grad_norm = 1.0, 2.0
     expected = sigma * max_grad_norm / ranks[0]["expected_batch_size"]
     for rank in ranks:
@@ -112,10 +139,10 @@ def test_noise_enters_every_shard_once(tmp_path):
     assert ranks[0]["local_grads"][0][0] != ranks[1]["local_grads"][0][0]
 
 
-def test_a_rank_without_examples_joins_the_sharded_step(tmp_path):
+def test_a_rank_without_examples_joins_the_sharded_step(two_ranks):
     # FSDP gathers parameters with collectives in forward and backward: a rank whose Poisson sample is
     # empty runs a placeholder example that adds nothing (without it, the other rank waits forever)
-    rank0, rank1 = run("sparse", 2, tmp_path)
+    rank0, rank1 = two_ranks["sparse"]
     assert rank0["steps"] == rank1["steps"] == 30
     only_one_empty = set(rank0["empty_steps"]) ^ set(rank1["empty_steps"])
     assert only_one_empty, "the seed gave no step where exactly one rank drew nothing"
@@ -127,26 +154,20 @@ def test_a_rank_without_examples_joins_the_sharded_step(tmp_path):
         assert not any(rank0["grads"][step])
 
 
-def test_privacy_budget_stops_both_ranks_at_the_same_step(tmp_path):
-    rank0, rank1 = run("budget", 2, tmp_path)
+def test_privacy_budget_stops_both_ranks_at_the_same_step(two_ranks):
+    rank0, rank1 = two_ranks["budget"]
     assert rank0["steps"] == rank1["steps"] > 0
     assert rank0["val_loss"] is not None and rank0["val_loss"] == rank1["val_loss"]  # validation ran sharded
     assert rank0["epsilon"] == rank1["epsilon"] <= 2.0
     assert rank0["params"] == rank1["params"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The 10-step reference run, shared by both checkpoint formats (it writes no checkpoint)."""
-    return run("uninterrupted", 2, tmp_path_factory.mktemp("uninterrupted"))
-
-
-@pytest.mark.parametrize("sharded", [True, False], ids=["sharded_checkpoint", "consolidated_checkpoint"])
-def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_path, sharded, uninterrupted):
-    flag = {"DP_SHARDED_CHECKPOINT": "1" if sharded else "0"}
-    run("interrupted", 2, tmp_path / "b", **flag)
-    resumed = run("resumed", 2, tmp_path / "b", **flag)
-    assert resumed[0]["checkpoint_is_dir"] is sharded
+@pytest.mark.parametrize(
+    "variant", ["", "@consolidated"], ids=["sharded_checkpoint", "consolidated_checkpoint"]
+)
+def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(two_ranks, variant):
+    uninterrupted, resumed = two_ranks["uninterrupted"], two_ranks["resumed" + variant]
+    assert resumed[0]["checkpoint_is_dir"] is (variant == "")
     assert uninterrupted[0]["steps"] == resumed[0]["steps"] == 10
     assert resumed[0]["params"] == resumed[1]["params"]
     assert _rel(resumed[0]["params"], uninterrupted[0]["params"]) < 1e-12
@@ -154,14 +175,14 @@ def test_mid_epoch_resume_ends_at_the_uninterrupted_parameters_and_epsilon(tmp_p
 
 
 def test_sharded_verification_refuses_a_wrong_engine_on_every_rank(tmp_path):
-    ranks = run("verify_broken", 2, tmp_path)
-    for rank in ranks:
+    # its own launch: the refusal is an exception in fit, which ends the processes' part in later scenarios
+    for rank in run(["verify_broken"], 2, tmp_path)["verify_broken"]:
         assert rank["steps"] == 0
         assert "disagrees with a per-example loop" in rank["refused"] or "other rank" in rank["refused"]
 
 
-def test_an_unsliceable_batch_skips_verification_on_every_rank_together(tmp_path):
-    rank0, rank1 = run("unsliceable", 2, tmp_path)
+def test_an_unsliceable_batch_skips_verification_on_every_rank_together(two_ranks):
+    rank0, rank1 = two_ranks["unsliceable"]
     assert rank0["steps"] == rank1["steps"] == 2  # no rank waited alone in the verification's collectives
     assert any("list of" in w for w in rank0["verify_warnings"])  # rank 0 says why
 
