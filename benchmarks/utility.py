@@ -32,7 +32,8 @@ noise in one update is ``lr * sigma * R / B``, so every method sees the same noi
 learning rate to 0 over the run, against the constant learning rate of the main grid.
 ``--grid psac``: DP-PSAC (``clipping="psac"``, r = 0.1, no threshold to tune) joins the tables that
 ran on the 2-core CPU (digits SGD, text) with their lr trials and seeds, and reruns the digits Adam
-and char LM comparisons on this CPU (study ``cpu``) beside the default and Abadi.
+and char LM comparisons on this CPU (study ``cpu``) beside the default and Abadi. ``--grid psac_r``:
+the same PSAC runs at r = 1 (and r = 3 at epsilon 1 on digits); r = 1 is PSAC's default since.
 
 Each record carries ``machine`` (``--machine``, default: the CPU count and, for ``gpu``, the GPU's
 name): the earlier 704 runs without it ran on a machine with one H200 and 16 CPU cores.
@@ -56,6 +57,7 @@ resume); prefer it to ``timeout``, which leaves the pool's workers running.
     python benchmarks/utility.py --grid full --tasks text --jobs 2       # 40 MiniLM runs: ~1 h here
     python benchmarks/utility.py --grid lm_epochs --tasks char_lm --jobs 2   # ~10 min on 2 cores
     python benchmarks/utility.py --grid psac --tasks digits,char_lm,text --jobs 2   # ~1 h on 2 cores
+    python benchmarks/utility.py --grid psac_r --tasks digits,char_lm,text --jobs 2  # ~1 h on 2 cores
     python benchmarks/utility.py --report             # benchmarks/utility_results.md from the JSONL
     python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
     python benchmarks/utility.py --norm-study char_lm,text   # the same question there (~6 min here)
@@ -153,8 +155,12 @@ METHODS_FULL: tuple[tuple[str, float, float], ...] = (
     ("abadi", 0.01, 10.0),
 )
 METHODS_SMOKE = (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0))
-#: DP-PSAC at its default r (``DPAutoStrategy(clipping="psac")``): no threshold to tune.
+#: The package default's label in the tables (``Config.method`` of ``METHODS_FULL[0]``).
+DEFAULT_METHOD = "auto_s g=0.01"
+#: DP-PSAC at r = 0.1, its default until ``--grid psac_r`` measured r = 1 (the default now).
 PSAC = ("psac", 0.1, 1.0)
+#: DP-PSAC at its default r = 1 (``DPAutoStrategy(clipping="psac")``).
+PSAC_R1 = ("psac", 1.0, 1.0)
 
 
 def _main_grid(
@@ -234,15 +240,28 @@ def _psac_grid(task: str) -> list[Config]:
         return out + [replace(c, batch_size=256) for c in big]
     if task == "char_lm":
         # Every method chose lr 3e-3 of (1e-3, 3e-3, 1e-2) on the H200 machine: one trial each here.
+        # 5 seeds: the one table where PSAC's r = 1 lost to r = 0.1 (by 0.12 +- 0.08 with 3 seeds).
         methods = (METHODS_FULL[0], PSAC, ("abadi", 0.01, 0.1), ("abadi", 0.01, 1.0))
-        return list(_main_grid(task, [3.0], methods, ["adam"], range(3), None, {"adam": (3e-3,)}, "cpu"))
+        return list(_main_grid(task, [3.0], methods, ["adam"], range(5), None, {"adam": (3e-3,)}, "cpu"))
     if task == "text":
         return list(_main_grid(task, [3.0], [PSAC], ["adam"], range(5)))
     raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
 
 
+def _psac_r_grid(task: str) -> list[Config]:
+    """PSAC at r = 1 wherever ``--grid psac`` ran PSAC at r = 0.1 (same lr trials, seeds, tables).
+
+    At epsilon 1 on digits PSAC at r = 0.1 trailed tuned Abadi by 1.8 points: does a larger r, a
+    larger norm scale below which an example counts as fit, close it, and what does it cost where
+    r = 0.1 was enough? r = 3 at epsilon 1 asks whether a still larger r helps further.
+    """
+    psac = [c for c in _psac_grid(task) if c.clipping == PSAC[0]]
+    out = [replace(c, gamma=PSAC_R1[1]) for c in psac]
+    return out + [replace(c, gamma=3.0) for c in psac if c.task == "digits" and c.epsilon == 1.0]
+
+
 def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
-    """The configurations of ``--grid`` (smoke, full, sgd_schedule, sgd, lm_epochs, psac) for ``tasks``."""
+    """The configurations of ``--grid`` (smoke, full, sgd_schedule, sgd, lm_epochs, psac, psac_r)."""
     out: list[Config] = []
     for task in tasks:
         if grid == "sgd_schedule":
@@ -280,6 +299,8 @@ def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
             out += _main_grid(task, [8.0], METHODS_SMOKE[:1], ["adam"], range(2), 5, lrs, "epochs")
         elif grid == "psac":
             out += _psac_grid(task)
+        elif grid == "psac_r":
+            out += _psac_r_grid(task)
         elif grid == "smoke":
             small = {"digits": 2, "char_lm": 1, "text": 1}[task]
             lrs = {"adam": TASKS[task].adam_lrs[:1], "sgd": TASKS[task].sgd_lrs[:1]}
@@ -779,6 +800,18 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "",
         *psac_table(records),
         "",
+        "## PSAC at r = 1 (`--grid psac_r`)",
+        "",
+        "PSAC with r = 1 (`clipping='psac'`'s default) where it ran at r = 0.1 (same lr trials and seeds; "
+        "r = 3 at epsilon 1 on digits). "
+        "Against tuned Abadi and the default as above:",
+        "",
+        *psac_table(records, "psac r=1"),
+        "",
+        "And against r = 0.1, each r at its own tuned lr (positive: r = 1 is better):",
+        "",
+        *psac_r_table(records),
+        "",
     ]
     tables: dict[tuple, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for (task, study, eps, opt, batch, epochs, method), s in summary.items():
@@ -799,7 +832,7 @@ def render_report(records: list[dict[str, Any]]) -> str:
         ]
         for method, s in rows:
             mark = " **best**" if method == best[0] else ""
-            default = " (default)" if method == "auto_s g=0.01" else ""
+            default = " (default)" if method == DEFAULT_METHOD else ""
             lines.append(
                 f"| {method}{default} | {s['lr']:g} | {s['mean']:.4f} +- {s['std']:.4f} ({s['n']}){mark} "
                 f"| {s['val']:.4f} | {s['sigma']:.3f} | {s['steps']} | {s['trials']} |"
@@ -840,7 +873,7 @@ def overview_table(records: list[dict[str, Any]]) -> list[str]:
     ]
     for table, methods in sorted(tables.items()):
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
-        default = methods.get("auto_s g=0.01")
+        default = methods.get(DEFAULT_METHOD)
         best_abadi = _best_of(methods.items(), "abadi", sign)
         if default is None or best_abadi is None:
             continue
@@ -862,14 +895,15 @@ def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> lis
     """
     tables = _methods_by_table(summarise(records))
     machines = _machines(records)
+    r = method.split(" ")[1].replace("=", " ")  # "r 0.1"
     lines = [
-        "| task | eps | optimizer | batch x epochs | metric | PSAC (r 0.1) | AUTO-S default "
+        f"| task | eps | optimizer | batch x epochs | metric | PSAC ({r}) | AUTO-S default "
         "| Abadi, R by val | PSAC - Abadi (paired +- SE) | PSAC - default | seeds | machine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
-        psac, default = methods.get(method), methods.get("auto_s g=0.01")
+        psac, default = methods.get(method), methods.get(DEFAULT_METHOD)
         best_abadi = _best_of(methods.items(), "abadi", sign)
         if psac is None or default is None or best_abadi is None:
             continue
@@ -884,6 +918,31 @@ def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> lis
     return lines
 
 
+def psac_r_table(records: list[dict[str, Any]], rs: tuple[float, ...] = (0.1, 1.0, 3.0)) -> list[str]:
+    """One line per table with PSAC at r = 0.1 and 1: each r's mean, and r = 1 against r = 0.1.
+
+    Each r at its own tuned lr; the difference is paired over the table's seeds +- SE (positive:
+    r = 1 is better). An r that did not run in a table shows as "-".
+    """
+    tables = _methods_by_table(summarise(records))
+    labels = [f"psac r={r:g}" for r in rs]
+    lines = [
+        "| task | eps | optimizer | batch x epochs | metric | "
+        + " | ".join(f"PSAC r {r:g}" for r in rs)
+        + " | r 1 - r 0.1 (paired +- SE) | seeds |",
+        "|---|---|---|---|---|" + "---|" * len(rs) + "---|---|",
+    ]
+    for table, methods in sorted(tables.items()):
+        small, large = methods.get("psac r=0.1"), methods.get("psac r=1")
+        if small is None or large is None:
+            continue
+        sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
+        gap, se = _paired_gap(large["tests"], small["tests"], sign)
+        means = " | ".join(f"{methods[m]['mean']:.4f}" if m in methods else "-" for m in labels)
+        lines.append(f"{_row_start(table)}| {means} | {gap:+.4f} +- {se:.4f} | {large['n']} |")
+    return lines
+
+
 def fixed_abadi_table(records: list[dict[str, Any]], r: float = 1.0) -> list[str]:
     """One line per table that has both: the default against Abadi at a fixed ``R`` (not tuned)."""
     tables = _methods_by_table(summarise(records))
@@ -893,7 +952,7 @@ def fixed_abadi_table(records: list[dict[str, Any]], r: float = 1.0) -> list[str
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
-        default, abadi = methods.get("auto_s g=0.01"), methods.get(f"abadi R={r:g}")
+        default, abadi = methods.get(DEFAULT_METHOD), methods.get(f"abadi R={r:g}")
         if default is None or abadi is None:
             continue
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
@@ -913,16 +972,16 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
     """
     by = dict(rows)
     sign = 1.0 if spec.higher_is_better else -1.0
-    if "auto_s g=0.01" not in by or _best_of(rows, "abadi", sign) is None:
+    if DEFAULT_METHOD not in by or _best_of(rows, "abadi", sign) is None:
         return "(default or Abadi missing from this table)"
     parts = []
     for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
         name, best = _best_of(rows, "abadi", sign, key)
-        gap, se = _paired_gap(by["auto_s g=0.01"]["tests"], best["tests"], sign)
+        gap, se = _paired_gap(by[DEFAULT_METHOD]["tests"], best["tests"], sign)
         side = "ahead of" if gap > 0 else "behind"
         within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
         parts.append(f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)")
-    return f"Default AUTO-S is {parts[0]}; {parts[1]}. Paired over {by['auto_s g=0.01']['n']} seeds."
+    return f"Default AUTO-S is {parts[0]}; {parts[1]}. Paired over {by[DEFAULT_METHOD]['n']} seeds."
 
 
 # ------------------------------------------------------------------------------------------- study
@@ -949,7 +1008,7 @@ def study(out_dir: Path, epochs: int = 40) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = sorted({0, 1, 2, 5, 10, 20, epochs - 1})
-    clippings = [("auto_s", g, 1.0) for g in (0.01, 0.1, 1.0)] + [PSAC, ("auto_v", 0.01, 1.0)]
+    clippings = [("auto_s", g, 1.0) for g in (0.01, 0.1, 1.0)] + [PSAC, PSAC_R1, ("auto_v", 0.01, 1.0)]
     clippings += [("abadi", 0.01, r) for r in (0.1, 1.0, 3.0, 10.0)]
     from lightning_autodp.clipping import clip_factors
 
@@ -1028,11 +1087,13 @@ NORM_STUDY_RUNS = {
     "char_lm": Config("char_lm", "norm_study", 3.0, "auto_s", 0.01, 1.0, "adam", 3e-3, 0, 64, 2),
     "text": Config("text", "norm_study", 3.0, "auto_s", 0.01, 1.0, "adam", 3e-3, 0, 256, 3),
 }
-#: The clippings compared on the same per-example gradients: the default, gamma 1, PSAC, Abadi R 0.1 and 1.
+#: The clippings compared on the same per-example gradients: the default, gamma 1, PSAC at r 0.1 and 1,
+#: Abadi R 0.1 and 1.
 NORM_STUDY_CLIPPINGS = (
     ("auto_s", 0.01, 1.0),
     ("auto_s", 1.0, 1.0),
     PSAC,
+    PSAC_R1,
     ("abadi", 0.01, 0.1),
     ("abadi", 0.01, 1.0),
 )
@@ -1143,7 +1204,7 @@ def plot_study(path: Path, png: Path) -> None:
     import numpy as np
 
     data = json.loads(path.read_text())
-    traj = data["auto_s g=0.01"]["checkpoints"]
+    traj = data[DEFAULT_METHOD]["checkpoints"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     bins = np.logspace(-4, 2, 40)
     for row in traj:
@@ -1174,7 +1235,9 @@ def plot_study(path: Path, png: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--grid", choices=["smoke", "full", "sgd_schedule", "sgd", "lm_epochs", "psac"], default="smoke"
+        "--grid",
+        choices=["smoke", "full", "sgd_schedule", "sgd", "lm_epochs", "psac", "psac_r"],
+        default="smoke",
     )
     p.add_argument("--tasks", default="digits", help="comma-separated: " + ",".join(TASKS))
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (each 1 thread)")

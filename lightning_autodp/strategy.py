@@ -88,7 +88,7 @@ class DPAutoStrategy(DDPStrategy):
             :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples keep small gradients),
             ``"auto_v"`` :math:`R/\|g_i\|`,
             ``"abadi"`` :math:`\min(1, R/\|g_i\|)`.
-        gamma: the stability constant of AUTO-S (default 0.01) or PSAC's :math:`r` (default 0.1);
+        gamma: the stability constant of AUTO-S (default 0.01) or PSAC's :math:`r` (default 1);
             ``None`` picks the mode's default.
         max_grad_norm: :math:`R`. Under AUTO-S/V and PSAC it only rescales the update: it drops out under
             Adam-type optimizers and folds into the learning rate under SGD.

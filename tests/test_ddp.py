@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -12,29 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scenarios import run_scenarios
 from tests.test_accounting import opacus_epsilon
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def run(scenarios: list[str], devices: int, outdir: Path) -> dict[str, list[dict]]:
-    """Runs ``scenarios`` one after the other in one launch; each one's JSON per rank, by scenario."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), ",".join(scenarios), str(devices), str(outdir)],
-        timeout=600,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(
-            f"ddp_worker {scenarios} on {devices} process(es) exited {proc.returncode}:\n{tail}"
-        )
-    return {
-        s: [json.loads((outdir / f"{s}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
-        for s in scenarios
-    }
+    return run_scenarios(WORKER, scenarios, devices, outdir)
 
 
 #: The two-process scenarios that end in a result, in one launch (starting two interpreters and a

@@ -72,7 +72,7 @@ def test_gradient_clip_val():
         ({"clipping": "clamp"}, "Unknown clipping='clamp'.*'auto_s'"),
         ({"gamma": 0.0}, "gamma must be > 0 with clipping='auto_s'.*gamma=0.01"),
         ({"gamma": -1.0}, "gamma must be > 0"),
-        ({"clipping": "psac", "gamma": 0.0}, "gamma must be > 0 with clipping='psac'.*gamma=0.1"),
+        ({"clipping": "psac", "gamma": 0.0}, "gamma must be > 0 with clipping='psac'.*gamma=1"),
         ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
         ({"engine": "fast"}, "Unknown engine='fast'"),
         ({"loss_reduction": "none"}, "loss_reduction must be 'mean' or 'sum'"),
@@ -89,7 +89,7 @@ def test_gamma_zero_is_fine_without_auto_s():
 
 def test_gamma_defaults_per_mode():
     assert DPAutoStrategy().gamma == 0.01  # AUTO-S (Bu et al.)
-    assert DPAutoStrategy(clipping="psac").gamma == 0.1  # PSAC's r (Xia et al.)
+    assert DPAutoStrategy(clipping="psac").gamma == 1.0  # PSAC's r (measured: --grid psac_r)
     assert DPAutoStrategy(clipping="psac", gamma=0.5).gamma == 0.5
 
 

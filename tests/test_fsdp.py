@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,29 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_autodp import DPFSDPStrategy
 from tests.fsdp_worker import TinyLM, data, tiny_llama
 from tests.reference import per_example_gradients, reference_clipped_mean
+from tests.scenarios import run_scenarios
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 def run(scenarios: list[str], devices: int, outdir: Path) -> dict[str, list[dict]]:
-    """Runs ``scenarios`` one after the other in one launch; each one's JSON per rank, by scenario."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), ",".join(scenarios), str(devices), str(outdir)],
-        timeout=600,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(
-            f"fsdp_worker {scenarios} on {devices} process(es) exited {proc.returncode}:\n{tail}"
-        )
-    return {
-        s: [json.loads((outdir / f"{s}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
-        for s in scenarios
-    }
+    return run_scenarios(WORKER, scenarios, devices, outdir, OMP_NUM_THREADS="1")
 
 
 #: The two-process scenarios that end in a result (not a refusal), all in one launch: starting the

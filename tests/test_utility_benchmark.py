@@ -65,6 +65,21 @@ def test_psac_joins_its_tables_with_the_same_lr_trials_and_seeds(utility, task, 
         assert "auto_s g=0.01" in methods and any(m.startswith("abadi") for m in methods), table
 
 
+@pytest.mark.parametrize("task", ["digits", "char_lm", "text"])
+def test_psac_r_reruns_psacs_trials_at_a_larger_r(utility, task):
+    def trial(c):
+        return (c.task, c.study, c.epsilon, c.optimizer, c.batch_size, c.epochs, c.lr, c.seed)
+
+    at_default_r = {trial(c) for c in utility.build_grid("psac", [task]) if c.method == "psac r=0.1"}
+    by_r = defaultdict(set)
+    for c in utility.build_grid("psac_r", [task]):
+        assert c.clipping == "psac" and c.max_grad_norm == 1.0
+        by_r[c.gamma].add(trial(c))
+    assert by_r.pop(1.0) == at_default_r
+    epsilon_1 = {t for t in at_default_r if t[2] == 1.0}
+    assert by_r == ({3.0: epsilon_1} if epsilon_1 else {})
+
+
 def _records(utility, rng):
     """Synthetic results: 2 methods x 3 lrs x 4 seeds; validation rises with the lr, test falls."""
     out = []
@@ -230,3 +245,26 @@ def test_psac_table_pairs_psac_with_the_abadi_r_validation_chose_and_the_default
         gap, se = cell.split(" +- ")
         assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
         assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)
+
+
+def test_psac_r_table_pairs_r_1_with_r_0_1_at_their_own_lrs(utility):
+    rng = random.Random(3)
+    records = _records(utility, rng)  # the default and Abadi R = 3: no PSAC, no row
+    assert utility.psac_r_table(records)[2:] == []
+    for r, shift in ((0.1, 0.0), (1.0, 0.02)):
+        for i, lr in enumerate((1e-3, 2e-3, 5e-3)):
+            for seed in range(4):
+                cfg = utility.Config("digits", "main", 3.0, "psac", r, 1.0, "adam", lr, seed, 64, 40)
+                res = {"val": 0.6 + 0.1 * i * (1 if r < 1 else -1), "test": 0.9 + shift + 0.05 * rng.random()}
+                records.append({"config": asdict(cfg), "result": {**res, "sigma": 2.0, "steps": 800}})
+    summary = utility.summarise(records)
+    small, large = (summary[("digits", "main", 3.0, "adam", 64, 40, f"psac r={r}")] for r in ("0.1", "1"))
+    assert small["lr"] == 5e-3 and large["lr"] == 1e-3  # each r at its own lr
+    (row,) = utility.psac_r_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5:8] == [f"{small['mean']:.4f}", f"{large['mean']:.4f}", "-"]  # r = 3 did not run
+    diffs = [a - b for a, b in zip(large["tests"], small["tests"])]
+    gap, se = cells[8].split(" +- ")
+    assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+    assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)
+    assert cells[9] == "4"
