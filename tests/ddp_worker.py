@@ -82,6 +82,8 @@ def main(scenarios: str, devices: int, outdir: str) -> None:
 
 def run_scenario(scenario: str, devices: int, outdir: str) -> None:
     mode, _, variant = scenario.partition("@")
+    if variant not in ("", "bk", "hooks", "ghost", "buckets"):
+        raise KeyError(f"unknown variant in {scenario!r}")
     L.seed_everything(42, verbose=False)
     engine = variant if variant in ("bk", "hooks", "ghost") else "auto"
     recorder = Recorder()

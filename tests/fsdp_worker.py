@@ -160,6 +160,8 @@ def main(scenarios: str, devices: int, outdir: str) -> None:
 
 def run_scenario(scenario: str, devices: int, outdir: str) -> None:
     mode, _, variant = scenario.partition("@")
+    if variant not in ("", "ghost", "consolidated"):
+        raise KeyError(f"unknown variant in {scenario!r}")
     L.seed_everything(42, verbose=False)
     engine = "ghost" if variant == "ghost" else "bk"
     recorder = Recorder(keep_local=(mode == "noise"))

@@ -268,3 +268,36 @@ def test_psac_r_table_pairs_r_1_with_r_0_1_at_their_own_lrs(utility):
     assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
     assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)
     assert cells[9] == "4"
+
+
+def test_held_out_table_tunes_each_seed_on_the_other_seeds(utility):
+    rng = random.Random(4)
+    methods = [("psac", 1.0, 1.0), ("psac", 0.1, 1.0), ("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0)]
+    methods.append(("abadi", 0.01, 3.0))
+    records, runs = [], {}
+    for clipping, gamma, r in methods:
+        for lr in (1e-3, 5e-3):
+            for seed in range(4):
+                cfg = utility.Config("digits", "main", 3.0, clipping, gamma, r, "adam", lr, seed, 64, 40)
+                res = {"val": rng.random(), "test": rng.random(), "sigma": 2.0, "steps": 800}
+                records.append({"config": asdict(cfg), "result": res})
+                runs[(cfg.method, lr, seed)] = res
+
+    def held_out(candidates, seed):  # an independent loop: the best mean val over the other seeds
+        others = [s for s in range(4) if s != seed]
+        best = max(candidates, key=lambda k: sum(runs[(*k, s)]["val"] for s in others))
+        return runs[(*best, seed)]["test"]
+
+    abadi = [(m, lr) for m in ("abadi R=1", "abadi R=3") for lr in (1e-3, 5e-3)]
+    (row,) = utility.held_out_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for cell, method in zip(cells[5:8], ("psac r=1", "psac r=0.1", "auto_s g=0.01")):
+        ours = [(method, lr) for lr in (1e-3, 5e-3)]
+        diffs = [held_out(ours, s) - held_out(abadi, s) for s in range(4)]
+        gap, se = cell.split(" +- ")
+        assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+        assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)
+    assert cells[8] == "4"
+    # the choice differs from the in-sample one for some seed (else the test could not tell them apart)
+    in_sample = max(abadi, key=lambda k: sum(runs[(*k, s)]["val"] for s in range(4)))
+    assert any(held_out(abadi, s) != runs[(*in_sample, s)]["test"] for s in range(4))
