@@ -28,7 +28,12 @@ def utility():
 
 @pytest.mark.parametrize(
     ("grid", "tasks"),
-    [("smoke", ["digits", "char_lm", "text"]), ("full", ["digits", "char_lm", "text"]), ("sgd", ["digits"])],
+    [
+        ("smoke", ["digits", "char_lm", "text"]),
+        ("full", ["digits", "char_lm", "text"]),
+        ("sgd", ["digits"]),
+        ("batch_eps1", ["digits"]),
+    ],
 )
 def test_every_method_gets_the_same_lr_trials_and_seeds(utility, grid, tasks):
     configs = utility.build_grid(grid, tasks)
@@ -301,3 +306,66 @@ def test_held_out_table_tunes_each_seed_on_the_other_seeds(utility):
     # the choice differs from the in-sample one for some seed (else the test could not tell them apart)
     in_sample = max(abadi, key=lambda k: sum(runs[(*k, s)]["val"] for s in range(4)))
     assert any(held_out(abadi, s) != runs[(*in_sample, s)]["test"] for s in range(4))
+
+
+def test_paste_tables_replaces_only_the_lines_between_a_table_marker_pair(utility):
+    text = "\n".join(
+        [
+            "intro",
+            "<!-- example-command -->",
+            "kept",
+            "<!-- /example-command -->",
+            "<!-- psac-table: replace with the PSAC table -->",
+            "| stale |",
+            "| stale too |",
+            "<!-- /psac-table -->",
+            "outro",
+        ]
+    )
+    pasted = utility.paste_tables(text, {"psac-table": ["| new |"]})
+    assert pasted.split("\n") == [
+        "intro",
+        "<!-- example-command -->",
+        "kept",
+        "<!-- /example-command -->",
+        "<!-- psac-table: replace with the PSAC table -->",
+        "| new |",
+        "<!-- /psac-table -->",
+        "outro",
+    ]
+    assert utility.paste_tables(pasted, {"psac-table": ["| new |"]}) == pasted
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<!-- other-table -->\n| x |\n<!-- /other-table -->", "Unknown table marker 'other-table'"),
+        ("<!-- psac-table: the table -->\n| x |\n", "no closing '<!-- /psac-table -->'"),
+    ],
+)
+def test_paste_tables_refuses_an_unknown_or_unclosed_table(utility, text, message):
+    with pytest.raises(ValueError, match=message):
+        utility.paste_tables(text, {"psac-table": []})
+
+
+def test_readme_and_guide_quote_the_tables_of_the_committed_results(utility):
+    """The docs' tables are the report's on ``utility_results.jsonl`` (``--report`` pastes them)."""
+    tables = utility.doc_tables(utility.load_records(utility.DEFAULT_JSONL))
+    quoted = set()
+    for path in utility.DOCS:
+        text = path.read_text()
+        assert utility.paste_tables(text, tables) == text, f"{path.name}: run benchmarks/utility.py --report"
+        quoted |= {utility._table_marker(line) for line in text.split("\n")} - {None}
+    assert quoted == set(tables), "a report table the docs no longer quote"
+
+
+def test_norm_study_loss_of_a_digits_example_is_its_term_of_the_training_loss(utility):
+    """The norm study's per-example gradients are of the loss the digits example trains on."""
+    model, data = utility.BUILDERS["digits"](utility.NORM_STUDY_RUNS["digits_eps1"])
+    data.setup("fit")
+    examples = [data.train_set[i] for i in range(6)]
+    x = torch.stack([e[0] for e in examples])
+    y = torch.stack([torch.as_tensor(e[1]) for e in examples])
+    per_example = torch.stack([utility._example_loss("digits", model, e) for e in examples])
+    torch.testing.assert_close(per_example.mean(), torch.nn.functional.cross_entropy(model(x), y))
+    assert per_example.std() > 0
