@@ -28,6 +28,11 @@ Usage::
     python benchmarks/run.py --quick          # a couple of minutes: fewer steps, no large model
     python benchmarks/run.py                  # full run, writes benchmarks/results.{md,json}
     python benchmarks/run.py --profile        # torch.profiler table of engine='bk' on the transformer
+    python benchmarks/run.py --models hf_gpt2,hf_llama,hf_bert,hf_vit \
+        --modes nonprivate,dp_auto_auto,dp_auto_ghost --repeats 3 --out benchmarks/results_hf_full_repeats
+
+``--repeats N`` runs every configuration N times, in rounds, and reports medians over the rounds with
+the range of each time ratio: on a shared machine one run's ratio can be off by a third.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -544,9 +550,43 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _over_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per configuration from ``--repeats`` rounds (each round: every configuration once,
+    its ratios taken against its own round's reference): the median of every measure over the
+    rounds, and ``time_ratio_range`` (lowest, highest) where a configuration has several ratios.
+
+    Rounds interleave the configurations, so a slow spell of a shared machine slows a reference and
+    the runs compared with it alike instead of landing on one configuration.
+    """
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for rows in rounds:
+        for r in rows:
+            by[(r["model"], r["mode"])].append(r)
+    out = []
+    for (model, mode), rows in by.items():
+        ok = [r for r in rows if "error" not in r]
+        if not ok:
+            out.append(rows[0])
+            continue
+        row: dict[str, Any] = dict(model=model, mode=mode, steps=ok[0]["steps"], rounds=len(ok))
+        for key in {k for r in ok for k, v in r.items() if isinstance(v, float)}:
+            values = [r[key] for r in ok if key in r]
+            row[key] = statistics.median(values)
+        ratios = [r["time_ratio"] for r in ok if "time_ratio" in r]
+        if len(ratios) > 1:
+            row["time_ratio_range"] = (min(ratios), max(ratios))
+        out.append(row)
+    return out
+
+
 def _x(row: dict[str, Any], key: str, digits: int) -> str:
-    """A ratio as ``1.23x``, or ``-`` where its reference did not run."""
-    return f"{row[key]:.{digits}f}x" if key in row else "-"
+    """A ratio as ``1.23x`` (``1.23x (1.18-1.30)`` with the range over rounds), or ``-`` where its
+    reference did not run."""
+    if key not in row:
+        return "-"
+    spread = row.get(f"{key}_range")
+    within = f" ({spread[0]:.{digits}f}-{spread[1]:.{digits}f})" if spread else ""
+    return f"{row[key]:.{digits}f}x{within}"
 
 
 def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -567,13 +607,24 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
     out.append("")
     out.append(
-        f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps; torch {meta['torch']}, "
+        f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps{_rounds_note(meta)}; "
+        f"torch {meta['torch']}, "
         f"opacus {meta['opacus']}, lightning {meta['lightning']}, {meta['cpu']}, 2 threads. "
         "dp_auto_* rows are relative to `nonprivate` (Lightning Trainer); loop rows (bk_loop, "
         "opacus_*) to `loop` (plain PyTorch). Absolute times on this 2-core machine are noisy; "
         "the ratios come from the same run, one configuration at a time."
     )
     return "\n".join(out)
+
+
+def _rounds_note(meta: dict[str, Any]) -> str:
+    repeats = meta.get("repeats", 1)
+    if repeats == 1:
+        return ""
+    return (
+        f", {repeats} rounds of every configuration (medians over the rounds; a time ratio's range in "
+        "brackets, each round's ratio against the same round's reference)"
+    )
 
 
 def main() -> None:
@@ -589,6 +640,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without extension")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--tiny", action="store_true", help="tiny model sizes: only checks that it runs")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every model x mode: the median over rounds and the time ratio's range",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
@@ -626,12 +683,15 @@ def main() -> None:
         device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         tiny=args.tiny,
         models={m: MODELS[m] for m in models},
+        repeats=args.repeats,
     )
-    results = []
-    for model in models:
-        for mode in modes:
-            results.append(_run_one(model, mode, steps, warmup, extra=extra))
-    rows = _ratios(results)
+    rounds = []
+    for i in range(args.repeats):
+        if args.repeats > 1:
+            print(f"round {i + 1} of {args.repeats}", flush=True)
+        results = [_run_one(model, mode, steps, warmup, extra=extra) for model in models for mode in modes]
+        rounds.append(_ratios(results))
+    rows = rounds[0] if args.repeats == 1 else _over_rounds(rounds)
     Path(args.out + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     table = _markdown(rows, meta)
     print(table)
