@@ -408,6 +408,49 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
     )
 
 
+#: The phases of :func:`bk_gradient`, in order.
+PHASES = ("forward_backward", "norms", "clipped_sum", "noise")
+
+
+def bk_gradient(engine, noise, net, batch, forward, criterion, phases: dict | None = None) -> None:
+    """``p.grad`` of one DP step as ``DPAutoStrategy`` computes it (``DPStep``'s arithmetic, engine
+    ``bk``): forward and backward under capture, per-example norms, the clipped weighted sum (AUTO-S),
+    Gaussian noise; no optimizer step. With ``phases`` (a dict of lists) each phase's wall time, in
+    :data:`PHASES` order, is appended to its list."""
+    from lightning_autodp.clipping import clip_factors
+
+    cuda = DEVICE == "cuda"
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        _sync(cuda)
+        marks.append(time.perf_counter())
+
+    engine.expect_batch_size(batch[0].shape[0])
+    with engine.capturing():
+        out, target = forward(net, *batch)
+        criterion(out, target).backward()
+    mark()
+    b = engine.batch_size
+    scale = 1.0 / b
+    with torch.no_grad():
+        norms = engine.per_sample_squared_norms().sqrt() / scale
+        mark()
+        summed: dict = {}
+        engine.accumulate_weighted_sum(clip_factors(norms, "auto_s", MAX_GRAD_NORM, 0.01) / scale, summed)
+        engine.reset()
+        mark()
+        for p in engine.params:
+            s = summed.pop(p, None)
+            s = torch.zeros_like(p) if s is None else s
+            s.add_(noise.gaussian(NOISE * MAX_GRAD_NORM, like=s))
+            p.grad = s / b
+        mark()
+    if phases is not None:
+        for name, start, end in zip(PHASES, marks, marks[1:]):
+            phases.setdefault(name, []).append(end - start)
+
+
 def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
     import torch
 
@@ -421,7 +464,6 @@ def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
 
         return step
     if mode == "bk_loop":
-        from lightning_autodp.clipping import clip_factors
         from lightning_autodp.engines.bk import BookKeepingEngine
         from lightning_autodp.noise import NoiseSource
 
@@ -429,24 +471,7 @@ def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
         noise = NoiseSource(seed=0)
 
         def step(batch):
-            # The strategy's arithmetic (DPAutoStrategy._clip_and_accumulate / _privatize_gradients).
-            engine.expect_batch_size(batch[0].shape[0])
-            with engine.capturing():
-                out, target = forward(net, *batch)
-                loss = criterion(out, target)
-                loss.backward()
-            b = engine.batch_size
-            scale = 1.0 / b
-            norms = engine.per_sample_squared_norms().sqrt() / scale
-            factors = clip_factors(norms, "auto_s", MAX_GRAD_NORM, 0.01)
-            summed: dict = {}
-            engine.accumulate_weighted_sum(factors / scale, summed)
-            engine.reset()
-            for p in engine.params:
-                s = summed.pop(p, None)
-                s = torch.zeros_like(p) if s is None else s
-                s.add_(noise.gaussian(NOISE * MAX_GRAD_NORM, like=s))
-                p.grad = s / b
+            bk_gradient(engine, noise, net, batch, forward, criterion)
             optimizer.step()
 
         return step
