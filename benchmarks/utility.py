@@ -786,8 +786,12 @@ def _optimizer_label(opt: str, study: str) -> str:
     return f"{opt} (constant-lr rerun)" if study == "constant" else opt
 
 
-def render_report(records: list[dict[str, Any]]) -> str:
-    """Markdown tables (mean +- std over seeds of the test metric at the tuned lr) and a verdict."""
+def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | None = None) -> str:
+    """Markdown tables (mean +- std over seeds of the test metric at the tuned lr) and a verdict.
+
+    ``tables``: ``doc_tables(records)`` if the caller has them (the docs quote the same tables).
+    """
+    tables = tables or doc_tables(records)
     summary = summarise(records)
     machines = _machines(records)
     accels = sorted({r.get("accelerator", "?") for r in records})
@@ -803,7 +807,7 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "test metric at that lr, mean +- std over seeds (n). SGD: momentum 0.9, lr column = lr * R.",
         "",
     ]
-    lines += ["## Overview (the README table)", "", *overview_table(records), ""]
+    lines += ["## Overview (the README table)", "", *tables["utility-table"], ""]
     lines += [
         "## The default against Abadi at the default R = 1 (no threshold tuned)",
         "",
@@ -816,7 +820,7 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "Where PSAC ran (`--grid psac`): each method at its own tuned lr, Abadi's R chosen by validation; "
         "paired differences over seeds +- SE (positive: PSAC is better).",
         "",
-        *psac_table(records),
+        *tables["psac01-table"],
         "",
         "## PSAC at r = 1 (`--grid psac_r`)",
         "",
@@ -824,11 +828,11 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "r = 3 at epsilon 1 on digits). "
         "Against tuned Abadi and the default as above:",
         "",
-        *psac_table(records, "psac r=1"),
+        *tables["psac-table"],
         "",
         "And against r = 0.1, each r at its own tuned lr (positive: r = 1 is better):",
         "",
-        *psac_r_table(records),
+        *tables["psac-r-table"],
         "",
         "## Tuned out of sample (leave one seed out)",
         "",
@@ -838,7 +842,7 @@ def render_report(records: list[dict[str, Any]]) -> str:
         "seed's test metric comes from the configuration chosen on the other seeds' validation metric; "
         "paired difference against Abadi tuned the same way +- SE (positive: the method is better).",
         "",
-        *held_out_table(records),
+        *tables["held-out-table"],
         "",
     ]
     tables: dict[tuple, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
@@ -1119,9 +1123,8 @@ def _table_marker(line: str) -> str | None:
     return name if name.endswith("-table") else None
 
 
-def paste_docs(records: list[dict[str, Any]], paths: Iterable[Path] = DOCS) -> list[Path]:
-    """Refresh the report tables quoted in ``paths``; the files that changed."""
-    tables = doc_tables(records)
+def paste_docs(tables: dict[str, list[str]], paths: Iterable[Path] = DOCS) -> list[Path]:
+    """Refresh the report tables (``doc_tables``) quoted in ``paths``; the files that changed."""
     changed = []
     for path in paths:
         text = path.read_text()
@@ -1417,9 +1420,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.report:
         records = load_records(args.out)
-        args.report_path.write_text(render_report(records))
+        tables = doc_tables(records)
+        args.report_path.write_text(render_report(records, tables))
         print(f"wrote {args.report_path}")
-        for path in paste_docs(records):
+        for path in paste_docs(tables):
             print(f"pasted its tables into {path.relative_to(ROOT)}")
         return
     if args.study:
