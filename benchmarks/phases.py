@@ -62,9 +62,7 @@ def interleaved(model_name: str, pairs: int = 14, warmup: int = 2, batches: int 
     for i in range(pairs):
         batch = data[i % batches]
         t0 = time.perf_counter()
-        plain.zero_grad(set_to_none=True)
-        out, target = forward(plain, *batch)
-        criterion(out, target).backward()
+        run.plain_gradient(plain, batch, forward, criterion)
         t1 = time.perf_counter()
         run.bk_gradient(engine, noise, private, batch, forward, criterion, phases)
         t2 = time.perf_counter()

@@ -408,6 +408,13 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
     )
 
 
+def plain_gradient(net, batch, forward, criterion) -> None:
+    """``p.grad`` of one non-private step: the mean loss's gradient; no optimizer step."""
+    net.zero_grad(set_to_none=True)
+    out, target = forward(net, *batch)
+    criterion(out, target).backward()
+
+
 #: The phases of :func:`bk_gradient`, in order.
 PHASES = ("forward_backward", "norms", "clipped_sum", "noise")
 
@@ -457,9 +464,7 @@ def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
     if mode == "loop":
 
         def step(batch):
-            optimizer.zero_grad(set_to_none=True)
-            out, target = forward(net, *batch)
-            criterion(out, target).backward()
+            plain_gradient(net, batch, forward, criterion)
             optimizer.step()
 
         return step
