@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scenarios import split_scenario  # noqa: E402
+
 from lightning_autodp import DPAutoStrategy  # noqa: E402
 
 
@@ -81,9 +83,7 @@ def main(scenarios: str, devices: int, outdir: str) -> None:
 
 
 def run_scenario(scenario: str, devices: int, outdir: str) -> None:
-    mode, _, variant = scenario.partition("@")
-    if variant not in ("", "bk", "hooks", "ghost", "buckets"):
-        raise KeyError(f"unknown variant in {scenario!r}")
+    mode, variant = split_scenario(scenario, ("bk", "hooks", "ghost", "buckets"))
     L.seed_everything(42, verbose=False)
     engine = variant if variant in ("bk", "hooks", "ghost") else "auto"
     recorder = Recorder()

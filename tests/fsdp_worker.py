@@ -27,6 +27,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scenarios import split_scenario  # noqa: E402
+
 from lightning_autodp import DPFSDPStrategy, EmptyBatch, EngineVerificationError, PrivacyBudget  # noqa: E402
 
 VOCAB, SEQ, DIM = 13, 5, 8
@@ -159,9 +161,7 @@ def main(scenarios: str, devices: int, outdir: str) -> None:
 
 
 def run_scenario(scenario: str, devices: int, outdir: str) -> None:
-    mode, _, variant = scenario.partition("@")
-    if variant not in ("", "ghost", "consolidated"):
-        raise KeyError(f"unknown variant in {scenario!r}")
+    mode, variant = split_scenario(scenario, ("ghost", "consolidated"))
     L.seed_everything(42, verbose=False)
     engine = "ghost" if variant == "ghost" else "bk"
     recorder = Recorder(keep_local=(mode == "noise"))

@@ -35,3 +35,12 @@ def run_scenarios(
         s: [json.loads((outdir / f"{s}-{devices}-rank{r}.json").read_text()) for r in range(devices)]
         for s in scenarios
     }
+
+
+def split_scenario(scenario: str, variants: tuple[str, ...]) -> tuple[str, str]:
+    """``mode@variant`` -> ``(mode, variant)``, ``variant`` ``""`` when absent. A variant not in
+    ``variants`` raises ``KeyError``: a misspelt scenario must not run as the plain mode."""
+    mode, _, variant = scenario.partition("@")
+    if variant and variant not in variants:
+        raise KeyError(f"unknown variant in {scenario!r}; known: {', '.join(variants)}")
+    return mode, variant

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.scenarios import run_scenarios
+from tests.scenarios import run_scenarios, split_scenario
 from tests.test_accounting import opacus_epsilon
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -160,3 +160,11 @@ def test_one_process_fit_leaves_no_launch_variables_behind(monkeypatch):
     net, x, y = make_case("linear")
     quiet_trainer(strategy=DPAutoStrategy(), max_steps=1).fit(Classifier(net), loader(x, y, batch_size=4))
     assert not {"LOCAL_RANK", "NODE_RANK", "MASTER_PORT"} & set(os.environ)
+
+
+def test_a_scenario_names_its_mode_and_a_known_variant_or_is_refused():
+    variants = ("bk", "hooks")
+    assert split_scenario("noise", variants) == ("noise", "")
+    assert split_scenario("noise@bk", variants) == ("noise", "bk")
+    with pytest.raises(KeyError, match="unknown variant in 'noise@bks'"):
+        split_scenario("noise@bks", variants)
