@@ -1,6 +1,6 @@
 """The cost of auditing: one audited DP run of a digits-sized model against the same run without audit.
 
-Runs ``python -m lightning_autodp.audit``'s model (64-128-10 MLP, scikit-learn digits, DP-SGD with
+Runs ``python -m lightning_autodp.safeguards.audit``'s model (64-128-10 MLP, scikit-learn digits, DP-SGD with
 a PrivacyBudget) ``--repeats`` times each way, alternating, and reports the median wall time of
 ``trainer.fit`` and the audit's result. The run-time checks are on in both (they are the default).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_autodp.audit.__main__ import run_digits
+from lightning_autodp.safeguards.audit.__main__ import run_digits
 
 
 def main() -> None:

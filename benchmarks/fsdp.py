@@ -7,11 +7,12 @@ on every configuration; a step is forward, backward, the DP work and ``Adam.step
 ==============  ===================================================================================
 ``fsdp``        non-private FSDP2: ``fully_shard`` on every block and the root, ``loss.backward()``
 ``dp_fsdp``     what ``strategy="dp_fsdp"`` runs: the same sharding, ``BookKeepingEngine``,
-                :class:`~lightning_autodp.sharded.ShardedDPStep` (reduce-scatter of the clipped sums,
+                :class:`~lightning_autodp.mechanism.sharded.ShardedDPStep`
+                (reduce-scatter of the clipped sums,
                 noise on the owned shard)
 ``ddp``         non-private data parallelism: the whole model per rank, gradients all-reduced
 ``dp_auto``     what ``strategy="dp_auto"`` runs on 2 ranks: the whole model per rank,
-                ``BookKeepingEngine``, :class:`~lightning_autodp.core.DPStep` (bucketed all-reduce)
+                ``BookKeepingEngine``, :class:`~lightning_autodp.mechanism.step.DPStep` (bucketed all-reduce)
 ==============  ===================================================================================
 
 Per rank (rank 0 reported; both hold the same amounts up to one row of padding):
@@ -81,7 +82,7 @@ def _rss_mb() -> float:
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    from lightning_autodp.sharded import local_part
+    from lightning_autodp.mechanism.sharded import local_part
 
     local = local_part(t)
     return local.numel() * local.element_size()
@@ -111,10 +112,10 @@ def _worker(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_autodp.core import DPStep, PrivacyLedger
     from lightning_autodp.engines.bookkeeping import BookKeepingEngine
-    from lightning_autodp.noise import NoiseSource
-    from lightning_autodp.sharded import ShardedDPStep
+    from lightning_autodp.mechanism.noise import NoiseSource
+    from lightning_autodp.mechanism.sharded import ShardedDPStep
+    from lightning_autodp.mechanism.step import DPStep, PrivacyLedger
 
     g = torch.Generator().manual_seed(rank)
     b, t = size["batch"], size["seq"]

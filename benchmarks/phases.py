@@ -48,8 +48,8 @@ DEFAULT_MODELS = ("hf_gpt2", "hf_llama", "hf_bert", "hf_vit")
 def interleaved(model_name: str, pairs: int = 14, warmup: int = 2, batches: int = 4) -> dict[str, Any]:
     """``pairs`` interleaved (non-private, DP) gradient computations of ``model_name``; the first
     ``warmup`` pairs are not counted. Times in seconds."""
-    from lightning_autodp.engines.bk import BookKeepingEngine
-    from lightning_autodp.noise import NoiseSource
+    from lightning_autodp.engines.bookkeeping import BookKeepingEngine
+    from lightning_autodp.mechanism.noise import NoiseSource
 
     cfg = run.MODELS[model_name]
     b = cfg["batch"]

@@ -424,7 +424,7 @@ def bk_gradient(engine, noise, net, batch, forward, criterion, phases: dict | No
     ``bk``): forward and backward under capture, per-example norms, the clipped weighted sum (AUTO-S),
     Gaussian noise; no optimizer step. With ``phases`` (a dict of lists) each phase's wall time, in
     :data:`PHASES` order, is appended to its list."""
-    from lightning_autodp.clipping import clip_factors
+    from lightning_autodp.mechanism.clipping import clip_factors
 
     cuda = DEVICE == "cuda"
     marks = [time.perf_counter()]
@@ -469,8 +469,8 @@ def _loop_step(mode, net, optimizer, loader, forward, criterion, shape):
 
         return step
     if mode == "bk_loop":
-        from lightning_autodp.engines.bk import BookKeepingEngine
-        from lightning_autodp.noise import NoiseSource
+        from lightning_autodp.engines.bookkeeping import BookKeepingEngine
+        from lightning_autodp.mechanism.noise import NoiseSource
 
         engine = BookKeepingEngine(net)
         noise = NoiseSource(seed=0)

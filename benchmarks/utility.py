@@ -1161,7 +1161,7 @@ def study(out_dir: Path, epochs: int = 40) -> dict[str, Any]:
     checkpoints = sorted({0, 1, 2, 5, 10, 20, epochs - 1})
     clippings = [("auto_s", g, 1.0) for g in (0.01, 0.1, 1.0)] + [PSAC, PSAC_R1, ("auto_v", 0.01, 1.0)]
     clippings += [("abadi", 0.01, r) for r in (0.1, 1.0, 3.0, 10.0)]
-    from lightning_autodp.clipping import clip_factors
+    from lightning_autodp.mechanism.clipping import clip_factors
 
     class NormProbe(L.Callback):
         def __init__(self) -> None:
@@ -1279,7 +1279,7 @@ def norm_checkpoint(
     """
     import torch
 
-    from lightning_autodp.clipping import clip_factors
+    from lightning_autodp.mechanism.clipping import clip_factors
 
     params = [p for p in module.parameters() if p.requires_grad]
     was_training = module.training

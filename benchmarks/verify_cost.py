@@ -2,7 +2,8 @@
 
 For each model, one process, one thread:
 
-* ``verify_s``: the median over ``--repeats`` calls of :func:`lightning_autodp.verify.verify_engine`
+* ``verify_s``: the median over ``--repeats`` calls of
+  :func:`lightning_autodp.safeguards.verify.verify_engine`
   on the first micro-batch (``k`` examples alone, each with its own backward, one more for the
   determinism check, plus one engine pass on the ``k`` examples together), the engine chosen by
   ``engine="auto"``;
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autodp import DPAutoStrategy
 from lightning_autodp.engines import make_engine
-from lightning_autodp.verify import verify_engine
+from lightning_autodp.safeguards.verify import verify_engine
 
 HERE = Path(__file__).resolve().parent
 

@@ -41,7 +41,7 @@ from torchmetrics import MeanMetric
 
 import lightning_autodp  # noqa: F401  (registers strategy="dp_auto")
 from lightning_autodp import PrivacyBudget
-from lightning_autodp.report import PrivacyReport
+from lightning_autodp.integration.report import PrivacyReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402

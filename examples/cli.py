@@ -4,7 +4,7 @@ Run::
 
     python examples/cli.py fit --config examples/configs/digits.yaml
     python examples/cli.py fit --config examples/configs/digits.yaml --trainer.max_epochs 2 \\
-        --trainer.callbacks+=lightning_autodp.report.PrivacyReport
+        --trainer.callbacks+=lightning_autodp.integration.report.PrivacyReport
     python examples/cli.py fit --config examples/configs/digits_nonprivate.yaml   # the baseline
     python examples/cli.py fit --config examples/configs/digits.yaml --smoke      # 1 epoch (20 steps)
 

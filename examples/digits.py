@@ -30,8 +30,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_autodp
 from lightning_autodp import DPAutoStrategy
-from lightning_autodp.clipping import CLIPPING_MODES
-from lightning_autodp.report import PrivacyReport
+from lightning_autodp.integration.report import PrivacyReport
+from lightning_autodp.mechanism.clipping import CLIPPING_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402

@@ -48,8 +48,8 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 import lightning_autodp  # noqa: E402, F401  (registers strategy="dp_auto")
 from lightning_autodp import DPAutoStrategy, PrivacyBudget  # noqa: E402
-from lightning_autodp.clipping import CLIPPING_MODES  # noqa: E402
-from lightning_autodp.report import PrivacyReport  # noqa: E402
+from lightning_autodp.integration.report import PrivacyReport  # noqa: E402
+from lightning_autodp.mechanism.clipping import CLIPPING_MODES  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from example_utils import EpochLine, HelpFormatter  # noqa: E402

@@ -50,7 +50,7 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 import lightning_autodp  # noqa: E402, F401  (registers strategy="dp_auto")
 from lightning_autodp import PrivacyBudget  # noqa: E402
-from lightning_autodp.report import PrivacyReport
+from lightning_autodp.integration.report import PrivacyReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402

@@ -10,15 +10,15 @@ Importing the package registers ``strategy="dp_auto"`` with Lightning::
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_autodp.accounting import Accountant
-from lightning_autodp.audit import PrivacyAudit
-from lightning_autodp.callbacks import PrivacyBudget
-from lightning_autodp.checks import PrivacyCheckError
-from lightning_autodp.clipping import clip_factors
-from lightning_autodp.fsdp import DPFSDPStrategy
-from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch
-from lightning_autodp.strategy import DPAutoStrategy
-from lightning_autodp.verify import EngineVerificationError
+from lightning_autodp.integration.callbacks import PrivacyBudget
+from lightning_autodp.integration.fsdp import DPFSDPStrategy
+from lightning_autodp.integration.strategy import DPAutoStrategy
+from lightning_autodp.mechanism.accounting import Accountant
+from lightning_autodp.mechanism.clipping import clip_factors
+from lightning_autodp.mechanism.sampling import DistributedPoissonBatchSampler, EmptyBatch
+from lightning_autodp.safeguards.audit import PrivacyAudit
+from lightning_autodp.safeguards.checks import PrivacyCheckError
+from lightning_autodp.safeguards.verify import EngineVerificationError
 
 __version__ = "0.1.0.dev0"
 

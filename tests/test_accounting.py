@@ -7,7 +7,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from lightning_autodp.accounting import Accountant, merge_segments
+from lightning_autodp.mechanism.accounting import Accountant, merge_segments
 
 OPACUS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 DELTA = 1e-5

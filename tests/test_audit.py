@@ -19,10 +19,13 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_autodp.report as report_module
+import lightning_autodp.integration.report as report_module
 from lightning_autodp import DPAutoStrategy, PrivacyBudget
-from lightning_autodp.accounting import Accountant
-from lightning_autodp.audit import (
+from lightning_autodp.integration.report import PrivacyReport
+from lightning_autodp.mechanism.accounting import Accountant
+from lightning_autodp.mechanism.clipping import clip_factors
+from lightning_autodp.mechanism.noise import NoiseSource
+from lightning_autodp.safeguards.audit import (
     GradientCanaries,
     PrivacyAudit,
     audit_scores,
@@ -30,11 +33,8 @@ from lightning_autodp.audit import (
     max_certifiable_epsilon,
     p_value,
 )
-from lightning_autodp.audit.__main__ import main
-from lightning_autodp.audit.bound import guess_choices
-from lightning_autodp.clipping import clip_factors
-from lightning_autodp.noise import NoiseSource
-from lightning_autodp.report import PrivacyReport
+from lightning_autodp.safeguards.audit.__main__ import main
+from lightning_autodp.safeguards.audit.bound import guess_choices
 from tests.models import Classifier, loader, quiet_trainer
 from tests.reference import reference_factors
 

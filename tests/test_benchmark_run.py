@@ -67,8 +67,8 @@ def phases(monkeypatch):
 
 def test_the_timed_dp_gradient_is_the_clipped_mean_of_a_per_example_loop(phases, monkeypatch):
     """What benchmarks time is the DP update (noise off here), not a cheaper stand-in."""
-    from lightning_autodp.engines.bk import BookKeepingEngine
-    from lightning_autodp.noise import NoiseSource
+    from lightning_autodp.engines.bookkeeping import BookKeepingEngine
+    from lightning_autodp.mechanism.noise import NoiseSource
     from tests.reference import per_example_gradients, reference_clipped_mean
 
     run = phases.run

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from lightning_autodp import DistributedPoissonBatchSampler, DPAutoStrategy, PrivacyBudget
-from lightning_autodp.checks import (
+from lightning_autodp.mechanism.noise import NoiseSource
+from lightning_autodp.mechanism.step import PrivacyLedger
+from lightning_autodp.safeguards.checks import (
     PrivacyCheckError,
     check_batch_size_plausible,
     check_noise_scale,
     check_rates_agree,
     noise_scale_interval,
 )
-from lightning_autodp.core import PrivacyLedger
-from lightning_autodp.noise import NoiseSource
 from tests.models import Classifier, loader, quiet_trainer
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import reference_factors
 
-from lightning_autodp.clipping import CLIPPING_MODES, clip_factors
+from lightning_autodp.mechanism.clipping import CLIPPING_MODES, clip_factors
 
 # Norms from 1e-8 to 1e8: fitted examples, typical ones and outliers, and exact zero.
 NORMS = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-8, 8, 161, dtype=torch.float64)])

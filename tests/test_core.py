@@ -1,4 +1,4 @@
-"""The framework-free DP step (lightning_autodp.core) driven without a Trainer."""
+"""The framework-free DP step (lightning_autodp.mechanism.step) driven without a Trainer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_autodp.core import DPStep, PrivacyLedger, all_reduce_in_buckets
 from lightning_autodp.engines import make_engine
-from lightning_autodp.noise import NoiseSource
+from lightning_autodp.mechanism.noise import NoiseSource
+from lightning_autodp.mechanism.step import DPStep, PrivacyLedger, all_reduce_in_buckets
 from tests.models import make_case
 from tests.reference import per_example_gradients, reference_clipped_mean
 from tests.test_accounting import opacus_epsilon
@@ -46,7 +46,7 @@ def test_dp_step_equals_the_per_example_loop(case, engine_name):
     step.privatize(sigma=0.0, q=0.5, noise=None, ledger=ledger, divisor=None)
     engine.remove()
     for p, e in zip(engine.params, expected):
-        # the clipping factors are float32 by design (lightning_autodp.clipping): ~1e-7 relative
+        # the clipping factors are float32 by design (lightning_autodp.mechanism.clipping): ~1e-7 relative
         assert ((p.grad - e).norm() / e.norm()).item() < 1e-6
     assert ledger.segments == [(0.0, 0.5, 1)]
 

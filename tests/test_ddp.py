@@ -105,8 +105,11 @@ def test_a_verification_failure_on_one_rank_stops_every_rank(tmp_path):
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "[rank1]: lightning_autodp.verify.EngineVerificationError: dp_auto refuses to train" in output
-    assert "[rank0]: lightning_autodp.verify.EngineVerificationError" in output, output[-3000:]
+    assert (
+        "[rank1]: lightning_autodp.safeguards.verify.EngineVerificationError: dp_auto refuses to train"
+        in output
+    )
+    assert "[rank0]: lightning_autodp.safeguards.verify.EngineVerificationError" in output, output[-3000:]
     assert "failed on 1 other rank(s)" in output
 
 

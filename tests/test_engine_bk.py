@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from reference import per_example_gradients
 from torch import Tensor, nn
 
-from lightning_autodp.engines.bk import BookKeepingEngine, GhostClippingEngine
+from lightning_autodp.engines.bookkeeping import BookKeepingEngine, GhostClippingEngine
 
 ENGINES = [BookKeepingEngine, GhostClippingEngine]
 

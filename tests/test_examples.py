@@ -137,7 +137,7 @@ def test_help_shows_defaults_and_smoke(name: str, capsys: pytest.CaptureFixture[
 def test_cli_config_runs(tmp_path: Path, strategy: str) -> None:
     pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (extra 'examples')")
     from lightning_autodp import DPAutoStrategy, PrivacyBudget
-    from lightning_autodp.report import PrivacyReport
+    from lightning_autodp.integration.report import PrivacyReport
 
     cli = _load("cli")
     args = ["fit", "--config", str(EXAMPLES / "configs" / "digits.yaml")]

@@ -207,7 +207,7 @@ def _packed_layout_worker(rank: int, world: int, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from lightning_autodp.sharded import reduce_scatter_bucket, reduce_scatter_to_shard
+    from lightning_autodp.mechanism.sharded import reduce_scatter_bucket, reduce_scatter_to_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -10,9 +10,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autodp import DPAutoStrategy
-from lightning_autodp.noise import NOISE_DOMAIN, NoiseSource
-from lightning_autodp.randomness import derive_seed, secure_gaussian, secure_uniform, seeded_generator
-from lightning_autodp.sampling import SAMPLING_DOMAIN, DistributedPoissonBatchSampler
+from lightning_autodp.mechanism.noise import NOISE_DOMAIN, NoiseSource
+from lightning_autodp.mechanism.randomness import (
+    derive_seed,
+    secure_gaussian,
+    secure_uniform,
+    seeded_generator,
+)
+from lightning_autodp.mechanism.sampling import SAMPLING_DOMAIN, DistributedPoissonBatchSampler
 from tests.models import quiet_trainer
 
 N = 32

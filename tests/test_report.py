@@ -14,8 +14,8 @@ from matplotlib.image import imread
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_autodp.report as report_module
-from lightning_autodp.report import (
+import lightning_autodp.integration.report as report_module
+from lightning_autodp.integration.report import (
     PrivacyReport,
     _pad_single_x,
     draw_privacy_report,

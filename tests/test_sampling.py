@@ -6,7 +6,7 @@ import lightning as L
 import torch
 
 from lightning_autodp import DPAutoStrategy
-from lightning_autodp.sampling import DistributedPoissonBatchSampler, EmptyBatch, _CollateOrEmpty
+from lightning_autodp.mechanism.sampling import DistributedPoissonBatchSampler, EmptyBatch, _CollateOrEmpty
 from tests.models import Classifier, loader, make_case, quiet_trainer
 
 

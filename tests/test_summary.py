@@ -13,7 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_autodp import DPAutoStrategy, PrivacyBudget, summary
+from lightning_autodp import DPAutoStrategy, PrivacyBudget
+from lightning_autodp.integration import summary
 from tests.models import Classifier, loader, make_case, quiet_trainer
 from tests.test_accounting import opacus_epsilon
 
@@ -22,7 +23,7 @@ Q = BATCH / N
 
 
 def _fit(budget=None, sigma=1.0, monkeypatch=None, **trainer_kwargs):
-    """Fit a tiny model under dp_auto; returns (strategy, lines printed by lightning_autodp.summary)."""
+    """Fit a tiny model under dp_auto; returns (strategy, lines printed by integration.summary)."""
     lines: list[str] = []
     if monkeypatch is not None:
         monkeypatch.setattr(summary, "rank_zero_info", lines.append)

@@ -22,10 +22,15 @@ from test_examples import _one_thread  # noqa: F401 - the autouse one-thread fix
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-import lightning_autodp.strategy as strategy_module
+import lightning_autodp.integration.strategy as strategy_module
 from lightning_autodp import DPAutoStrategy
 from lightning_autodp.engines.hooks import HooksEngine, _InPlaceGradSampleModule
-from lightning_autodp.verify import EngineVerificationError, VerificationResult, slice_batch, verify_engine
+from lightning_autodp.safeguards.verify import (
+    EngineVerificationError,
+    VerificationResult,
+    slice_batch,
+    verify_engine,
+)
 
 EXACT_ENGINES = ["bk", "ghost", "hooks"]
 

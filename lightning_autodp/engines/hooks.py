@@ -7,7 +7,7 @@ fallback for layers it has no rule for. Here the wrapper object only owns the ho
 module is still called directly by Lightning, so its ``state_dict`` keys keep no ``_module.``
 prefix and a checkpoint loads into the plain model.
 
-Cost: ``b`` times the parameter memory per micro-batch. :mod:`lightning_autodp.engines.bk` does
+Cost: ``b`` times the parameter memory per micro-batch. :mod:`lightning_autodp.engines.bookkeeping` does
 the same job from one backward pass without per-example gradients.
 """
 

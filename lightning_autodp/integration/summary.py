@@ -8,7 +8,7 @@ The end line reads, for example::
 * With a :class:`~lightning_autodp.PrivacyBudget` callback, epsilon and delta are the callback's
   (its whole history, resumed fits included).
 * Without one, epsilon is computed here with the PRV accountant of
-  :mod:`lightning_autodp.accounting` for the ``(sigma, q, steps)`` this strategy ran, at the
+  :mod:`lightning_autodp.mechanism.accounting` for the ``(sigma, q, steps)`` this strategy ran, at the
   default delta :func:`default_delta`: :math:`10^{-5}`, or :math:`1/(10N)` when the training set
   has more than 10,000 examples (delta must stay well below :math:`1/N`). The line says that the
   delta is a default and how to choose it.
@@ -26,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_autodp.clipping import DEFAULT_GAMMA
+from lightning_autodp.mechanism.clipping import DEFAULT_GAMMA
 
 #: delta used for the end-of-fit epsilon when no PrivacyBudget sets one (see :func:`default_delta`)
 DEFAULT_DELTA = 1e-5
@@ -135,7 +135,10 @@ def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
 
 
 def ledger_epsilon(ledger: Any, delta: float) -> float | None:
-    """Epsilon at ``delta`` of a :class:`~lightning_autodp.core.PrivacyLedger`; None where q is unknown."""
+    """Epsilon at ``delta`` of a :class:`~lightning_autodp.mechanism.step.PrivacyLedger`.
+
+    None where q is unknown.
+    """
     segments = ledger.segments
     if not segments:
         return 0.0

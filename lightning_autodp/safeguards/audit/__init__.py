@@ -5,19 +5,19 @@
 * :func:`audit_scores`, :func:`epsilon_lower_bound`, :func:`p_value`: the bound of Steinke, Nasr and
   Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS 2023), for any canary scores
   (e.g. black-box input-space canaries scored by their loss).
-* ``python -m lightning_autodp.audit``: audit a small model on scikit-learn's digits.
+* ``python -m lightning_autodp.safeguards.audit``: audit a small model on scikit-learn's digits.
 
 See ``docs/auditing.md`` for what the bound proves and what it does not.
 """
 
-from lightning_autodp.audit.bound import (
+from lightning_autodp.safeguards.audit.bound import (
     AuditResult,
     audit_scores,
     epsilon_lower_bound,
     max_certifiable_epsilon,
     p_value,
 )
-from lightning_autodp.audit.canaries import GradientCanaries, PrivacyAudit
+from lightning_autodp.safeguards.audit.canaries import GradientCanaries, PrivacyAudit
 
 __all__ = [
     "AuditResult",

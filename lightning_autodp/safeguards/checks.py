@@ -45,10 +45,10 @@ import torch.distributed as dist
 from scipy import stats
 from torch import Tensor, nn
 
-from lightning_autodp.sharded import local_part
+from lightning_autodp.mechanism.sharded import local_part
 
 if TYPE_CHECKING:
-    from lightning_autodp.strategy import DPAutoStrategy
+    from lightning_autodp.integration.strategy import DPAutoStrategy
 
 #: false-alarm probability of each statistical check (noise scale, batch size)
 FALSE_ALARM = 1e-6

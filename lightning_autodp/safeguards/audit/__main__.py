@@ -1,10 +1,10 @@
-"""``python -m lightning_autodp.audit``: audit a DP-SGD run of a small MLP on scikit-learn's digits.
+"""``python -m lightning_autodp.safeguards.audit``: audit a DP-SGD run of a small MLP on digits.
 
 Trains with ``strategy="dp_auto"``, a :class:`~lightning_autodp.PrivacyBudget` and a
-:class:`~lightning_autodp.audit.PrivacyAudit`, then prints the accounted epsilon beside the
+:class:`~lightning_autodp.safeguards.audit.PrivacyAudit`, then prints the accounted epsilon beside the
 empirical lower bound. Needs scikit-learn (``pip install -e ".[examples]"``).
 
-    python -m lightning_autodp.audit --target-epsilon 8 --epochs 20 --m 1000
+    python -m lightning_autodp.safeguards.audit --target-epsilon 8 --epochs 20 --m 1000
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_autodp.audit.canaries import PrivacyAudit
-from lightning_autodp.callbacks import PrivacyBudget
-from lightning_autodp.strategy import DPAutoStrategy
+from lightning_autodp.integration.callbacks import PrivacyBudget
+from lightning_autodp.integration.strategy import DPAutoStrategy
+from lightning_autodp.safeguards.audit.canaries import PrivacyAudit
 
 
 class DigitsMLP(L.LightningModule):
@@ -48,7 +48,9 @@ def digits_loaders(batch_size: int) -> tuple[DataLoader, TensorDataset]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
-        message = 'python -m lightning_autodp.audit needs scikit-learn: pip install -e ".[examples]"'
+        message = (
+            'python -m lightning_autodp.safeguards.audit needs scikit-learn: pip install -e ".[examples]"'
+        )
         raise SystemExit(message) from err
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32) / 16.0
@@ -107,7 +109,7 @@ def run_digits(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_autodp.audit", description=(__doc__ or "").splitlines()[0]
+        prog="python -m lightning_autodp.safeguards.audit", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("--m", type=int, default=1000, help="number of gradient canaries")
     parser.add_argument("--target-epsilon", type=float, default=8.0)

@@ -3,8 +3,8 @@
 The noise added to the clipped sum of one optimizer step is ``sigma * R * z`` with
 ``z ~ N(0, I)`` over every trainable parameter, drawn fresh each step. Under data parallelism it
 must enter the all-reduced sum exactly once: see :class:`NoiseSource` and
-:func:`lightning_autodp.core.privatize`. Where the randomness comes from (seeded streams or the
-OS CSPRNG) is described in :mod:`lightning_autodp.randomness`.
+:func:`lightning_autodp.mechanism.step.privatize`. Where the randomness comes from (seeded streams or the
+OS CSPRNG) is described in :mod:`lightning_autodp.mechanism.randomness`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_autodp.randomness import derive_seed, secure_gaussian
+from lightning_autodp.mechanism.randomness import derive_seed, secure_gaussian
 
 NOISE_DOMAIN = "noise"
 
@@ -21,7 +21,7 @@ class NoiseSource:
     """Draws the Gaussian noise of each optimizer step.
 
     Args:
-        seed: the user's seed (see :mod:`lightning_autodp.randomness`); unused in secure mode.
+        seed: the user's seed (see :mod:`lightning_autodp.mechanism.randomness`); unused in secure mode.
         rank: this process's global rank, part of the stream's domain.
         secure_mode: draw from the OS CSPRNG with Opacus's floating-point mitigation instead.
 

@@ -1,7 +1,7 @@
 """The Lightning glue: :class:`DPAutoStrategy`, registered as ``strategy="dp_auto"``.
 
-The DP math lives in :mod:`lightning_autodp.core` (framework-free); this module maps Lightning's
-hooks onto it. Private Lightning/torch accesses go through :mod:`lightning_autodp._compat`.
+The DP math lives in :mod:`lightning_autodp.mechanism.step` (framework-free); this module maps Lightning's
+hooks onto it. Private Lightning/torch accesses go through :mod:`lightning_autodp.integration._compat`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_autodp import _compat, summary
-from lightning_autodp.checks import FirstStepChecks
-from lightning_autodp.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
-from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
-from lightning_autodp.noise import NoiseSource
-from lightning_autodp.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
-from lightning_autodp.verify import (
+from lightning_autodp.integration import _compat, summary
+from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
+from lightning_autodp.mechanism.noise import NoiseSource
+from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
+from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
+from lightning_autodp.safeguards.checks import FirstStepChecks
+from lightning_autodp.safeguards.verify import (
     DEFAULT_EXAMPLES,
     EngineVerificationError,
     GradientLayout,
@@ -74,10 +74,11 @@ class DPAutoStrategy(DDPStrategy):
         \tilde g = \frac{1}{B}\Big(\sum_{i \in S} C_i\, g_i + \sigma R\, z\Big),\qquad z \sim N(0, I)
 
     where :math:`g_i` is the gradient of example :math:`i`'s own loss term over every trainable
-    parameter, :math:`C_i` the clipping factor of ``clipping`` (see :mod:`lightning_autodp.clipping`),
+    parameter, :math:`C_i` the clipping factor of ``clipping`` (see
+    :mod:`lightning_autodp.mechanism.clipping`),
     :math:`R` = ``max_grad_norm``, :math:`\sigma` = ``noise_multiplier`` and :math:`B` the expected
     logical batch size :math:`qN` (or the actual number of examples without Poisson sampling).
-    The math is in :mod:`lightning_autodp.core`; this class maps Lightning's hooks onto it.
+    The math is in :mod:`lightning_autodp.mechanism.step`; this class maps Lightning's hooks onto it.
 
     Args:
         noise_multiplier: :math:`\sigma`. ``"auto"`` (default): chosen by a
@@ -105,10 +106,10 @@ class DPAutoStrategy(DDPStrategy):
         verify: before the first optimizer update of every fit, check the engine's per-example
             norms and clipped sum on the first ``verify_examples`` examples of the first micro-batch
             against each example's own backward pass, and refuse to train on a mismatch (see
-            :mod:`lightning_autodp.verify`). ``False`` turns the check off.
+            :mod:`lightning_autodp.safeguards.verify`). ``False`` turns the check off.
         verify_examples: how many examples the verification checks (default 4).
         seed: the seed of the noise and sampling streams (each derived from it by SHA-256 with a
-            domain tag, see :mod:`lightning_autodp.randomness`). ``None`` (default): the run's seed
+            domain tag, see :mod:`lightning_autodp.mechanism.randomness`). ``None`` (default): the run's seed
             (``seed_everything``, else torch's initial seed). Anyone who knows it can recompute the
             noise and the samples: keep it secret, or use ``secure_mode``. Restored from a checkpoint.
         secure_mode: draw noise and Poisson samples from the operating system's CSPRNG
@@ -116,7 +117,7 @@ class DPAutoStrategy(DDPStrategy):
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
         run_checks: check the first optimizer step of every fit against silent privacy failures
-            (see :mod:`lightning_autodp.checks`); on by default, negligible cost.
+            (see :mod:`lightning_autodp.safeguards.checks`); on by default, negligible cost.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as for
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -136,7 +137,7 @@ class DPAutoStrategy(DDPStrategy):
 
     Every fit prints one line at its start (sigma, q, N, planned steps, engine, clipping) and one at
     its end (steps, why it stopped, sigma, q, and epsilon at delta: the PrivacyBudget's, or at a
-    default delta without one; see :mod:`lightning_autodp.summary`).
+    default delta without one; see :mod:`lightning_autodp.integration.summary`).
 
     Example::
 
@@ -173,7 +174,7 @@ class DPAutoStrategy(DDPStrategy):
     strategy_name = "dp_auto"
     #: the description Lightning's strategy registry shows for :attr:`strategy_name`
     strategy_description = "Differentially private training with automatic clipping (lightning-autodp)"
-    #: the framework-free DP step (:class:`~lightning_autodp.core.DPStep`: all-reduce of full sums)
+    #: the framework-free DP step (:class:`~lightning_autodp.mechanism.step.DPStep`: all-reduce of full sums)
     dp_step_class: type[DPStep] = DPStep
 
     def __init__(
@@ -236,7 +237,7 @@ class DPAutoStrategy(DDPStrategy):
         self.engine = engine
         self.loss_reduction = loss_reduction
         self.secure_mode = secure_mode
-        # -- verify (lightning_autodp.verify): check the engine before the first update of each fit
+        # -- verify (lightning_autodp.safeguards.verify): check the engine before the first update of each fit
         check_verify_args(verify, verify_examples)
         self.verify, self.verify_examples, self._verify_pending = verify, verify_examples, False
         # -- end verify
@@ -255,10 +256,10 @@ class DPAutoStrategy(DDPStrategy):
         self._fitting = False
         self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
         self._poisson_loader: Any = None
-        # --- audit/checks extension points (lightning_autodp.audit, lightning_autodp.checks) ---
+        # --- audit/checks extension points (safeguards.audit, safeguards.checks) ---
         self.run_checks = run_checks
         self._checks: FirstStepChecks | None = None
-        #: set by lightning_autodp.audit.PrivacyAudit: virtual examples added to the clipped sum
+        #: set by lightning_autodp.safeguards.audit.PrivacyAudit: virtual examples added to the clipped sum
         self.canaries: Any = None
         # --- end audit/checks ---
 
@@ -610,7 +611,7 @@ class DPAutoStrategy(DDPStrategy):
         self._close_capture()
         batch = args[0] if args else kwargs.get("batch")
         empty = isinstance(batch, EmptyBatch)
-        # -- verify (lightning_autodp.verify): engine vs a per-example loop, before the first update
+        # -- verify (safeguards.verify): engine vs a per-example loop, before the first update
         if self._verify_pending:
             with self.precision_plugin.train_step_context():
                 self._verify_pending = not self.verify_first_batch(args, kwargs, empty=empty)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from lightning_autodp.randomness import secure_uniform, seeded_generator
+from lightning_autodp.mechanism.randomness import secure_uniform, seeded_generator
 
 SAMPLING_DOMAIN = "sampling"
 
@@ -68,7 +68,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         steps_per_epoch: optimizer steps per epoch; default ``ceil(1 / q)`` so that an epoch
             uses every example once in expectation.
         seed: the user's seed; the generator of each (rank, epoch) is seeded with
-            ``derive_seed(seed, "sampling", rank, epoch)`` (:mod:`lightning_autodp.randomness`), so
+            ``derive_seed(seed, "sampling", rank, epoch)`` (:mod:`lightning_autodp.mechanism.randomness`), so
             ranks and epochs draw independently, independently of the noise and of torch's global
             stream, and a run is reproducible.
         secure_mode: draw every inclusion from the OS CSPRNG instead (``seed`` unused; not

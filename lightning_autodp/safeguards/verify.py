@@ -278,7 +278,7 @@ def _loss_of(output: Any) -> Tensor | None:
 class GradientLayout:
     """How the verification reads gradients: whole tensors on every rank (the default).
 
-    :class:`~lightning_autodp.sharded.ShardedLayout` reads this rank's shards of sharded parameters
+    :class:`~lightning_autodp.mechanism.sharded.ShardedLayout` reads this rank's shards of sharded parameters
     instead; the comparison is then made shard by shard, and norms are summed over ranks.
     """
 

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_autodp.audit.bound import AuditResult, audit_scores
+from lightning_autodp.safeguards.audit.bound import AuditResult, audit_scores
 
 
 class GradientCanaries:
@@ -137,7 +137,7 @@ class PrivacyAudit(Callback):
     """Audit a ``strategy="dp_auto"`` run with ``m`` gradient canaries: an empirical lower bound on epsilon.
 
     At the end of ``fit`` the callback scores its canaries, turns the guesses into an epsilon lower
-    bound at ``delta`` (Steinke, Nasr, Jagielski 2023; see :mod:`lightning_autodp.audit.bound`),
+    bound at ``delta`` (Steinke, Nasr, Jagielski 2023; see :mod:`lightning_autodp.safeguards.audit.bound`),
     logs ``audit_epsilon_lower_bound`` to every logger, prints it beside the accounted epsilon and
     keeps it in :attr:`result`. A bound above the accounted epsilon means the run is not as private
     as claimed (with probability at least ``confidence``); a warning says so.
@@ -193,7 +193,7 @@ class PrivacyAudit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_autodp.strategy import require_dp_auto
+        from lightning_autodp.integration.strategy import require_dp_auto
 
         require_dp_auto(trainer, "PrivacyAudit audits")
         if self.delta is None and _find_budget(trainer) is None:
@@ -284,5 +284,5 @@ def _find_budget(trainer: pl.Trainer) -> Any | None:
 
 def _audit_seed(seed: int) -> int:
     """A seed for the canaries' generator that does not replay the noise or sampling streams."""
-    digest = hashlib.sha256(f"lightning_autodp.audit:{seed}".encode()).digest()
+    digest = hashlib.sha256(f"lightning_autodp.safeguards.audit:{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

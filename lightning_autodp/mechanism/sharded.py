@@ -2,7 +2,7 @@ r"""The DP step over sharded parameters (FSDP2), without Lightning.
 
 Under ``fully_shard`` every trainable parameter is a DTensor split along dim 0 over the ranks of
 a 1-D device mesh; each rank owns one shard. The gradient handed to the optimizer is the same as
-:class:`~lightning_autodp.core.DPStep`'s,
+:class:`~lightning_autodp.mechanism.step.DPStep`'s,
 
 .. math::
 
@@ -37,10 +37,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from lightning_autodp.clipping import ClippingMode
-from lightning_autodp.core import DEFAULT_BUCKET_MB, DPStep
 from lightning_autodp.engines.base import PerSampleEngine
-from lightning_autodp.verify import GradientLayout
+from lightning_autodp.mechanism.clipping import ClippingMode
+from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep
+from lightning_autodp.safeguards.verify import GradientLayout
 
 
 def local_part(tensor: Tensor) -> Tensor:
@@ -161,10 +161,12 @@ def as_param_grad(local: Tensor, param: Tensor) -> Tensor:
 
 
 class ShardedDPStep(DPStep):
-    r""":class:`~lightning_autodp.core.DPStep` for parameters sharded with FSDP2 (see the module docstring).
+    r""":class:`~lightning_autodp.mechanism.step.DPStep` for parameters sharded with FSDP2.
+
+    See the module docstring.
 
     :attr:`summed` holds, per parameter, this rank's shard of the clipped sum *already summed over
-    ranks* (:attr:`sums_are_reduced`). :meth:`~lightning_autodp.core.DPStep.privatize` is the same
+    ranks* (:attr:`sums_are_reduced`). :meth:`~lightning_autodp.mechanism.step.DPStep.privatize` is the same
     as the unsharded step's, with each rank's own ``noise`` stream adding :math:`\sigma R z` to the
     shard it owns (:attr:`every_rank_draws_noise`), only the example count summed over ranks
     (:meth:`reduce_step`) and ``p.grad`` a DTensor with the parameter's layout (:meth:`as_grad`).

@@ -10,7 +10,7 @@ trainable parameter split over the ranks by ``torch.distributed.fsdp.fully_shard
   gathered or sharded, and autograd never forms the non-private weight gradient (so FSDP has
   nothing of its own to reduce);
 * the clipped sums are reduce-scattered parameter by parameter, and each rank adds noise only to
-  the shard it owns (:mod:`lightning_autodp.sharded`); no rank holds the whole gradient (with
+  the shard it owns (:mod:`lightning_autodp.mechanism.sharded`); no rank holds the whole gradient (with
   ``bk``; ``ghost`` holds one micro-batch's clipped sums until its second backward ends).
 """
 
@@ -39,12 +39,12 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_autodp import _compat
 from lightning_autodp.engines.bookkeeping import BookKeepingEngine
-from lightning_autodp.sampling import EmptyBatch
-from lightning_autodp.sharded import ShardedDPStep, ShardedLayout, check_shardable
-from lightning_autodp.strategy import CHECKPOINT_KEY, DPAutoStrategy
-from lightning_autodp.verify import GradientLayout, logging_off, size_or_reason, slice_batch
+from lightning_autodp.integration import _compat
+from lightning_autodp.integration.strategy import CHECKPOINT_KEY, DPAutoStrategy
+from lightning_autodp.mechanism.sampling import EmptyBatch
+from lightning_autodp.mechanism.sharded import ShardedDPStep, ShardedLayout, check_shardable
+from lightning_autodp.safeguards.verify import GradientLayout, logging_off, size_or_reason, slice_batch
 
 #: the engines whose per-example work needs no per-example gradient (so none is sharded)
 SHARDED_ENGINES = ("auto", "bk", "ghost")
@@ -58,7 +58,7 @@ class DPFSDPStrategy(DPAutoStrategy):
     Every argument of :class:`~lightning_autodp.DPAutoStrategy` applies, with the same meaning;
     the update handed to the optimizer is the same
     :math:`\tilde g = (\sum_i C_i g_i + \sigma R z) / B`, computed shard by shard (see
-    :mod:`lightning_autodp.sharded`). Differences:
+    :mod:`lightning_autodp.mechanism.sharded`). Differences:
 
     Args:
         engine: ``"bk"`` (one backward, the default for ``"auto"``) or ``"ghost"`` (two backward
@@ -85,7 +85,7 @@ class DPFSDPStrategy(DPAutoStrategy):
     Every rank takes part in every step's collectives: a rank whose Poisson sample is empty runs the
     first example of its dataset through ``training_step`` (nothing logged) and discards it exactly,
     so that FSDP's parameter gathers match on all ranks. The engine verification runs on the same
-    examples on every rank. Not supported yet: :class:`~lightning_autodp.audit.PrivacyAudit` (use
+    examples on every rank. Not supported yet: :class:`~lightning_autodp.safeguards.audit.PrivacyAudit` (use
     dp_auto), meshes with replicated dimensions (HSDP), and ``ghost`` keeps one micro-batch's
     full-size clipped sums until its second backward ends (``bk`` holds at most one bucket).
 

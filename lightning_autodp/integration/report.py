@@ -13,7 +13,7 @@ Two ways to get the picture:
 * afterwards, from what was saved: a ``metrics.csv`` written by Lightning's ``CSVLogger`` (or the
   folder holding it), or a checkpoint written while both callbacks were attached::
 
-      from lightning_autodp.report import plot_privacy_report
+      from lightning_autodp.integration.report import plot_privacy_report
       plot_privacy_report("lightning_logs/version_0/metrics.csv", "report.png", metric="val_acc")
       plot_privacy_report("checkpoints/last.ckpt", "report.png")
 
@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_autodp.audit.canaries import audit_lower_bound
+from lightning_autodp.safeguards.audit.canaries import audit_lower_bound
 
 __all__ = [
     "PrivacyReport",
@@ -119,7 +119,7 @@ def draw_privacy_report(
         metric_name: label of the metric panel.
         target_epsilon: drawn as a dashed horizontal line when given.
         delta: shown in the epsilon panel's title when given.
-        audit_lower_bound: a :class:`~lightning_autodp.audit.PrivacyAudit`'s empirical lower bound,
+        audit_lower_bound: a :class:`~lightning_autodp.safeguards.audit.PrivacyAudit`'s empirical lower bound,
             drawn as a dotted line beside the accounted epsilon when given.
 
     Returns:

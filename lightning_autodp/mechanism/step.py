@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_autodp.accounting import Accountant, AccountantName
-from lightning_autodp.clipping import ClippingMode, clip_factors
 from lightning_autodp.engines.base import PerSampleEngine
-from lightning_autodp.noise import NoiseSource
+from lightning_autodp.mechanism.accounting import Accountant, AccountantName
+from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors
+from lightning_autodp.mechanism.noise import NoiseSource
 
 #: DDP's default bucket size (``DistributedDataParallel(bucket_cap_mb=25)``)
 DEFAULT_BUCKET_MB = 25.0
@@ -170,7 +170,7 @@ class DPStep:
     Args:
         params: the trainable parameters (the engine's), in a fixed order shared by all ranks.
         clipping, max_grad_norm, gamma: the clipping rule :math:`C_i` and :math:`R`
-            (see :mod:`lightning_autodp.clipping`).
+            (see :mod:`lightning_autodp.mechanism.clipping`).
         names: parameter names by ``id(param)``, used in error messages.
         bucket_mb: the largest flat buffer (megabytes) that a reduction over ranks packs.
 
@@ -282,7 +282,7 @@ class DPStep:
         self.examples = 0
         return b, examples
 
-    # The three places where a sharded step differs (``lightning_autodp.sharded.ShardedDPStep``).
+    # The three places where a sharded step differs (``lightning_autodp.mechanism.sharded.ShardedDPStep``).
 
     def zero_sum(self, p: nn.Parameter) -> Tensor:
         """The clipped sum of a parameter no example reached: zeros, in the sums' precision."""

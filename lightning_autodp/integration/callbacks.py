@@ -10,8 +10,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_autodp.accounting import ACCOUNTANTS, Accountant, AccountantName, Segment, merge_segments
-from lightning_autodp.core import PrivacyLedger
+from lightning_autodp.mechanism.accounting import (
+    ACCOUNTANTS,
+    Accountant,
+    AccountantName,
+    Segment,
+    merge_segments,
+)
+from lightning_autodp.mechanism.step import PrivacyLedger
 
 
 class PrivacyBudget(Callback):
@@ -136,7 +142,7 @@ class PrivacyBudget(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_autodp.strategy import require_dp_auto
+        from lightning_autodp.integration.strategy import require_dp_auto
 
         require_dp_auto(trainer, "PrivacyBudget accounts the privacy of")
         self._ledger = trainer.strategy.ledger
@@ -279,7 +285,7 @@ class PrivacyBudget(Callback):
             _ = trainer.callback_metrics
 
     # The end-of-fit line (sigma, q, steps, epsilon, why it stopped) is printed by the strategy from
-    # lightning_autodp.summary, which reads this callback's epsilon, delta and stopped_by_budget.
+    # lightning_autodp.integration.summary, which reads this callback's epsilon, delta and stopped_by_budget.
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

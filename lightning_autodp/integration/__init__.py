@@ -1,0 +1,6 @@
+"""The Lightning integration: strategies, callbacks, the privacy report and the run summary.
+
+``DPAutoStrategy`` ("dp_auto") and ``DPFSDPStrategy`` ("dp_fsdp") map Lightning's hooks onto the
+mechanism of :mod:`lightning_autodp.mechanism`; ``PrivacyBudget`` accounts and calibrates;
+:mod:`._compat` holds every access to private Lightning and torch internals.
+"""
