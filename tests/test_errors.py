@@ -70,7 +70,8 @@ def test_gradient_clip_val():
     [
         ({"noise_multiplier": -0.5}, "noise_multiplier must be >= 0"),
         ({"clipping": "clamp"}, "Unknown clipping='clamp'.*'auto_s'"),
-        ({"gamma": 0.0}, "gamma must be > 0 with clipping='auto_s'.*gamma=0.01"),
+        ({"gamma": 0.0}, "gamma must be > 0 with clipping='psac'.*gamma=1"),
+        ({"clipping": "auto_s", "gamma": 0.0}, "gamma must be > 0 with clipping='auto_s'.*gamma=0.01"),
         ({"gamma": -1.0}, "gamma must be > 0"),
         ({"clipping": "psac", "gamma": 0.0}, "gamma must be > 0 with clipping='psac'.*gamma=1"),
         ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
@@ -87,8 +88,13 @@ def test_gamma_zero_is_fine_without_auto_s():
     DPAutoStrategy(clipping="auto_v", gamma=0.0)
 
 
+def test_the_default_clipping_is_psac_with_r_1():
+    strategy = DPAutoStrategy()
+    assert (strategy.clipping, strategy.gamma) == ("psac", 1.0)  # measured: benchmarks/utility.py
+
+
 def test_gamma_defaults_per_mode():
-    assert DPAutoStrategy().gamma == 0.01  # AUTO-S (Bu et al.)
+    assert DPAutoStrategy(clipping="auto_s").gamma == 0.01  # AUTO-S (Bu et al.)
     assert DPAutoStrategy(clipping="psac").gamma == 1.0  # PSAC's r (measured: --grid psac_r)
     assert DPAutoStrategy(clipping="psac", gamma=0.5).gamma == 0.5
 

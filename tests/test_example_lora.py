@@ -29,7 +29,7 @@ def test_lora_example_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert 0.0 <= r["val_acc"] <= 1.0 and r["steps"] == 2
     dp = results["dp_auto"]
     assert 0.98 * 3.0 <= dp["epsilon"] <= 3.0  # PrivacyBudget lands at, or up to 1% under, the target
-    # the example's --clipping reaches the strategy (the package default is auto_s, gamma 0.01)
+    # the example's default clipping is the package's: PSAC with r = 1
     assert (dp["clipping"], dp["gamma"]) == ("psac", 1.0)
     png = Path(dp["report"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000

@@ -150,7 +150,7 @@ def test_cli_config_runs(tmp_path: Path, strategy: str) -> None:
     trainer = run.trainer
     assert isinstance(trainer.strategy, DPAutoStrategy)
     if strategy == "config":
-        assert trainer.strategy.clipping == "auto_s"
+        assert (trainer.strategy.clipping, trainer.strategy.gamma) == ("psac", 1.0)
     (budget,) = [cb for cb in trainer.callbacks if isinstance(cb, PrivacyBudget)]
     (report,) = [cb for cb in trainer.callbacks if isinstance(cb, PrivacyReport)]
     assert budget.target_epsilon == 3.0 and budget.delta == 1e-5

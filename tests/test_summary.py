@@ -158,8 +158,8 @@ def test_calibrating_without_a_target_names_both_fixes():
 @pytest.mark.parametrize(
     ("kwargs", "shown"),
     [
-        ({}, "clipping=auto_s, max_grad_norm=1, gamma=0.01,"),
-        ({"clipping": "psac"}, "clipping=psac, max_grad_norm=1, gamma=1,"),
+        ({}, "clipping=psac, max_grad_norm=1, gamma=1,"),
+        ({"clipping": "auto_s"}, "clipping=auto_s, max_grad_norm=1, gamma=0.01,"),
         ({"clipping": "abadi", "max_grad_norm": 0.5}, "clipping=abadi, max_grad_norm=0.5, poisson"),
     ],
 )

@@ -31,7 +31,13 @@ from typing_extensions import override
 
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.integration import _compat, summary
-from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
+from lightning_autodp.mechanism.clipping import (
+    DEFAULT_CLIPPING,
+    ClippingMode,
+    clip_factors,
+    resolve_gamma,
+    validate_clipping,
+)
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
@@ -59,7 +65,7 @@ class DPAutoStrategy(DDPStrategy):
 
     * DP arguments: ``noise_multiplier`` (:math:`\sigma`; ``"auto"``: calibrated by a
       :class:`~lightning_autodp.PrivacyBudget`, else 1.0), ``max_grad_norm`` (:math:`R`),
-      ``clipping`` (``"auto_s"``, ``"psac"``, ``"auto_v"``, ``"abadi"``), ``gamma``, ``poisson_sampling``,
+      ``clipping`` (``"psac"``, ``"auto_s"``, ``"auto_v"``, ``"abadi"``), ``gamma``, ``poisson_sampling``,
       ``engine``, ``seed``, ``secure_mode``.
     * What a fit spent: ``noise_multiplier``, ``steps``, ``dataset_size`` (:math:`N`),
       ``sample_rate`` (:math:`q`), ``expected_batch_size`` and ``ledger`` (the ``(sigma, q)`` of
@@ -85,11 +91,13 @@ class DPAutoStrategy(DDPStrategy):
             :class:`~lightning_autodp.PrivacyBudget` callback for its target epsilon, or 1.0 when
             there is none (a resumed run keeps the checkpoint's sigma). ``None``: must be
             calibrated by such a callback. Fixed once the first step of a fit is taken.
-        clipping: ``"auto_s"`` (default) :math:`R/(\|g_i\|+\gamma)`, ``"psac"``
-            :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples keep small gradients),
+        clipping: ``"psac"`` (default) :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples
+            keep small gradients), ``"auto_s"`` :math:`R/(\|g_i\|+\gamma)`,
             ``"auto_v"`` :math:`R/\|g_i\|`,
-            ``"abadi"`` :math:`\min(1, R/\|g_i\|)`.
-        gamma: the stability constant of AUTO-S (default 0.01) or PSAC's :math:`r` (default 1);
+            ``"abadi"`` :math:`\min(1, R/\|g_i\|)`. The default is the one the utility study
+            measured closest to a tuned Abadi threshold (see
+            :data:`~lightning_autodp.mechanism.clipping.DEFAULT_CLIPPING`).
+        gamma: PSAC's :math:`r` (default 1) or the stability constant of AUTO-S (default 0.01);
             ``None`` picks the mode's default.
         max_grad_norm: :math:`R`. Under AUTO-S/V and PSAC it only rescales the update: it drops out under
             Adam-type optimizers and folds into the learning rate under SGD.
@@ -180,7 +188,7 @@ class DPAutoStrategy(DDPStrategy):
     def __init__(
         self,
         noise_multiplier: float | None | Literal["auto"] = AUTO,
-        clipping: ClippingMode = "auto_s",
+        clipping: ClippingMode = DEFAULT_CLIPPING,
         gamma: float | None = None,
         max_grad_norm: float = 1.0,
         poisson_sampling: bool = True,
