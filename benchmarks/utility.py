@@ -85,8 +85,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
-DEFAULT_JSONL = HERE / "utility_results.jsonl"
-DEFAULT_REPORT = HERE / "utility_results.md"
+#: Where the study's result files live (records, report, norm studies).
+RESULTS = HERE / "results"
+DEFAULT_JSONL = RESULTS / "utility_results.jsonl"
+DEFAULT_REPORT = RESULTS / "utility_results.md"
 DELTA = 1e-5
 
 
@@ -1427,14 +1429,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pasted its tables into {path.relative_to(ROOT)}")
         return
     if args.study:
-        study(HERE, args.study_epochs)
-        plot_study(HERE / "utility_study.json", ROOT / "docs" / "utility_norms.png")
+        study(RESULTS, args.study_epochs)
+        plot_study(RESULTS / "utility_study.json", ROOT / "docs" / "utility_norms.png")
         return
     if args.norm_study:
         studied = [t.strip() for t in args.norm_study.split(",") if t.strip()]
         if set(studied) - set(NORM_STUDY_RUNS):
             p.error(f"--norm-study takes {','.join(NORM_STUDY_RUNS)} (digits at epsilon 3: --study)")
-        norm_study(studied, HERE / "utility_norm_study.json")
+        norm_study(studied, RESULTS / "utility_norm_study.json")
         return
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - set(TASKS)
