@@ -1076,8 +1076,9 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
 
 # -------------------------------------------------------------------------------- tables in the docs
 
-#: The files whose report tables ``--report`` refreshes.
-DOCS = (ROOT / "README.md", ROOT / "docs" / "guide.md")
+#: The docs page whose report tables ``--report`` refreshes (the docs site's utility study).
+STUDY_PAGE = ROOT / "docs" / "studies" / "utility.md"
+DOCS = (STUDY_PAGE,)
 
 
 def doc_tables(records: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -1409,10 +1410,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--report",
         action="store_true",
-        help=f"write {DEFAULT_REPORT.name} from --out and paste its tables into README.md and docs/guide.md",
+        help=f"write {DEFAULT_REPORT.name} from --out and paste its tables into docs/studies/utility.md",
     )
     p.add_argument("--report-path", type=Path, default=DEFAULT_REPORT)
-    p.add_argument("--study", action="store_true", help="digits norm study (docs/guide.md)")
+    p.add_argument("--study", action="store_true", help="digits norm study (docs/studies/utility.md)")
     p.add_argument("--study-epochs", type=int, default=40)
     p.add_argument(
         "--norm-study",
@@ -1430,7 +1431,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.study:
         study(RESULTS, args.study_epochs)
-        plot_study(RESULTS / "utility_study.json", ROOT / "docs" / "utility_norms.png")
+        plot_study(RESULTS / "utility_study.json", STUDY_PAGE.parent / "utility_norms.png")
         return
     if args.norm_study:
         studied = [t.strip() for t in args.norm_study.split(",") if t.strip()]
