@@ -63,7 +63,7 @@ def test_readme_keeps_the_commands_ci_reads(name):
 def test_readme_block_reader_matches_ci():
     """The reader above is .ci/run's awk (start and end markers, fences dropped)."""
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'index($0, start) { on = 1; next }' in ci and "on && !/^```/ { print }" in ci
+    assert "index($0, start) { on = 1; next }" in ci and "on && !/^```/ { print }" in ci
     assert 'test_command="$(readme_block test-command)"' in ci
 
 
