@@ -4,7 +4,7 @@ A 60-epoch run of 235 optimizer steps per epoch (q = 1/235, 14,100 steps), train
 the same sigma: once with ``PrivacyBudget(target_epsilon=3, delta=1e-5, accountant="prv")``
 (which calibrates sigma, searches the stopping step, checks every step and logs epsilon every
 epoch) and once without it. Reported: the time spent inside the callback's hooks, the fit wall
-times, and their ratios. Results go to ``benchmarks/accounting_results.{json,md}``.
+times, and their ratios. Results go to ``benchmarks/results/accounting_results.{json,md}``.
 
 Usage::
 
@@ -105,7 +105,7 @@ def _fit(epochs: int, sigma: float | None, budget: PrivacyBudget | None) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("accounting_results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "accounting_results")
     args = parser.parse_args()
     torch.set_num_threads(2)
 

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--m", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("audit_cost.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "audit_cost.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -29,7 +29,7 @@ script times the mechanism itself, as ``benchmarks/run.py``'s ``*_loop`` modes d
 
 Usage::
 
-    python benchmarks/fsdp.py                 # CPU, 2 gloo ranks, writes benchmarks/results_fsdp.{md,json}
+    python benchmarks/fsdp.py                 # CPU, 2 gloo ranks; writes results/results_fsdp.{md,json}
     python benchmarks/fsdp.py --device cuda   # 2 GPUs (nccl) if there are 2, else 1 rank
     python benchmarks/fsdp.py --tiny          # a few seconds, for the test suite
 """
@@ -260,12 +260,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: the smallest model, 2 steps")
     parser.add_argument(
-        "--out", type=Path, default=None, help="results prefix (default benchmarks/results_fsdp)"
+        "--out", type=Path, default=None, help="results prefix (default benchmarks/results/results_fsdp)"
     )
     args = parser.parse_args()
     size = SIZES["tiny" if args.tiny else "full"]
     world = 2 if args.device == "cpu" else min(2, torch.cuda.device_count())
-    prefix = args.out or HERE / ("results_fsdp_cuda" if args.device == "cuda" else "results_fsdp")
+    prefix = args.out or HERE / "results" / ("results_fsdp_cuda" if args.device == "cuda" else "results_fsdp")
     results = []
     for mode in MODES:
         results.append(run(mode, size, args.device, world, prefix.with_suffix(f".{mode}.tmp")))

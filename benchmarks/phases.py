@@ -11,7 +11,7 @@ No optimizer step and no Lightning on either side: this is the gradient computat
 
 Usage::
 
-    python benchmarks/phases.py                       # the transformers models; results_phases.{md,json}
+    python benchmarks/phases.py                       # transformers models; results/results_phases.{md,json}
     python benchmarks/phases.py --models hf_bert --pairs 20
 """
 
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=14)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(HERE / "results_phases"), help="output path without extension")
+    p.add_argument(
+        "--out", default=str(HERE / "results" / "results_phases"), help="output path without extension"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []

@@ -26,10 +26,11 @@ taken over the steps after warm-up. Two peaks of memory:
 Usage::
 
     python benchmarks/run.py --quick          # a couple of minutes: fewer steps, no large model
-    python benchmarks/run.py                  # full run, writes benchmarks/results.{md,json}
+    python benchmarks/run.py                  # full run, writes benchmarks/results/results.{md,json}
     python benchmarks/run.py --profile        # torch.profiler table of engine='bk' on the transformer
     python benchmarks/run.py --models hf_gpt2,hf_llama,hf_bert,hf_vit \
-        --modes nonprivate,dp_auto_auto,dp_auto_ghost --repeats 3 --out benchmarks/results_hf_full_repeats
+        --modes nonprivate,dp_auto_auto,dp_auto_ghost --repeats 3 \
+        --out benchmarks/results/results_hf_full_repeats
 
 ``--repeats N`` runs every configuration N times, in rounds, and reports medians over the rounds with
 the range of each time ratio: on a shared machine one run's ratio can be off by a third.
@@ -395,7 +396,7 @@ def worker(model_name: str, mode: str, steps: int, warmup: int, profile: bool) -
         if prof is not None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-            (HERE / f"profile_{mode}_{model_name}.txt").write_text(table)
+            (HERE / "results" / f"profile_{mode}_{model_name}.txt").write_text(table)
     timed = times[warmup : warmup + steps]
     return dict(
         model=model_name,
@@ -667,7 +668,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="profile bk_loop on the transformer")
-    parser.add_argument("--out", default=str(HERE / "results"), help="output path without extension")
+    parser.add_argument(
+        "--out", default=str(HERE / "results" / "results"), help="output path without extension"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     parser.add_argument("--tiny", action="store_true", help="tiny model sizes: only checks that it runs")
     parser.add_argument(

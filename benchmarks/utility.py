@@ -85,8 +85,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
-DEFAULT_JSONL = HERE / "utility_results.jsonl"
-DEFAULT_REPORT = HERE / "utility_results.md"
+#: Where the study's result files live (records, report, norm studies).
+RESULTS = HERE / "results"
+DEFAULT_JSONL = RESULTS / "utility_results.jsonl"
+DEFAULT_REPORT = RESULTS / "utility_results.md"
 DELTA = 1e-5
 
 
@@ -1074,8 +1076,9 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
 
 # -------------------------------------------------------------------------------- tables in the docs
 
-#: The files whose report tables ``--report`` refreshes.
-DOCS = (ROOT / "README.md", ROOT / "docs" / "guide.md")
+#: The docs page whose report tables ``--report`` refreshes (the docs site's utility study).
+STUDY_PAGE = ROOT / "docs" / "studies" / "utility.md"
+DOCS = (STUDY_PAGE,)
 
 
 def doc_tables(records: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -1407,10 +1410,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--report",
         action="store_true",
-        help=f"write {DEFAULT_REPORT.name} from --out and paste its tables into README.md and docs/guide.md",
+        help=f"write {DEFAULT_REPORT.name} from --out and paste its tables into docs/studies/utility.md",
     )
     p.add_argument("--report-path", type=Path, default=DEFAULT_REPORT)
-    p.add_argument("--study", action="store_true", help="digits norm study (docs/guide.md)")
+    p.add_argument("--study", action="store_true", help="digits norm study (docs/studies/utility.md)")
     p.add_argument("--study-epochs", type=int, default=40)
     p.add_argument(
         "--norm-study",
@@ -1427,14 +1430,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pasted its tables into {path.relative_to(ROOT)}")
         return
     if args.study:
-        study(HERE, args.study_epochs)
-        plot_study(HERE / "utility_study.json", ROOT / "docs" / "utility_norms.png")
+        study(RESULTS, args.study_epochs)
+        plot_study(RESULTS / "utility_study.json", STUDY_PAGE.parent / "utility_norms.png")
         return
     if args.norm_study:
         studied = [t.strip() for t in args.norm_study.split(",") if t.strip()]
         if set(studied) - set(NORM_STUDY_RUNS):
             p.error(f"--norm-study takes {','.join(NORM_STUDY_RUNS)} (digits at epsilon 3: --study)")
-        norm_study(studied, HERE / "utility_norm_study.json")
+        norm_study(studied, RESULTS / "utility_norm_study.json")
         return
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - set(TASKS)

@@ -17,7 +17,7 @@ a transformers config (2 layers, d=64, T=32, batch 16, position ids expanded to 
 
 Usage::
 
-    python benchmarks/verify_cost.py            # prints a table, writes benchmarks/verify_cost.json
+    python benchmarks/verify_cost.py            # prints a table, writes benchmarks/results/verify_cost.json
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps of the short run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--examples", type=int, default=4, help="DPAutoStrategy(verify_examples=...)")
-    parser.add_argument("--out", type=Path, default=HERE / "verify_cost.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "verify_cost.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [measure(name, args.steps, args.repeats, args.examples) for name in ("cnn", "gpt2")]

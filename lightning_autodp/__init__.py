@@ -20,7 +20,7 @@ from lightning_autodp.safeguards.audit import PrivacyAudit
 from lightning_autodp.safeguards.checks import PrivacyCheckError
 from lightning_autodp.safeguards.verify import EngineVerificationError
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0"
 
 for _strategy in (DPAutoStrategy, DPFSDPStrategy):
     if _strategy.strategy_name not in StrategyRegistry:

@@ -348,8 +348,11 @@ def test_paste_tables_refuses_an_unknown_or_unclosed_table(utility, text, messag
         utility.paste_tables(text, {"psac-table": []})
 
 
-def test_readme_and_guide_quote_the_tables_of_the_committed_results(utility):
-    """The docs' tables are the report's on ``utility_results.jsonl`` (``--report`` pastes them)."""
+def test_docs_quote_the_tables_of_the_committed_results(utility):
+    """The docs' tables are the report's on ``utility_results.jsonl`` (``--report`` pastes them), and
+    only the docs site's study page quotes them: README.md has none."""
+    assert utility.DOCS == (utility.ROOT / "docs" / "studies" / "utility.md",)
+    assert utility.DEFAULT_JSONL.parent == utility.ROOT / "benchmarks" / "results"
     tables = utility.doc_tables(utility.load_records(utility.DEFAULT_JSONL))
     quoted = set()
     for path in utility.DOCS:

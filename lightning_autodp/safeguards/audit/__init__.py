@@ -7,7 +7,7 @@
   (e.g. black-box input-space canaries scored by their loss).
 * ``python -m lightning_autodp.safeguards.audit``: audit a small model on scikit-learn's digits.
 
-See ``docs/auditing.md`` for what the bound proves and what it does not.
+See ``docs/concepts/auditing.md`` for what the bound proves and what it does not.
 """
 
 from lightning_autodp.safeguards.audit.bound import (

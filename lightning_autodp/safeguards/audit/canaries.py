@@ -19,7 +19,7 @@ audited as the release of all its copies. For an included canary and plain SGD w
 What this audits: Poisson sampling of examples, clipping (the factor the strategy applies), the
 noise and its scale, the all-reduce and the division by :math:`B`, and the optimizer's use of the
 private gradient. What it does not: the per-example gradients of the real examples (the engines),
-because a canary's gradient is written directly into the sum. See ``docs/auditing.md``.
+because a canary's gradient is written directly into the sum. See ``docs/concepts/auditing.md``.
 """
 
 from __future__ import annotations
