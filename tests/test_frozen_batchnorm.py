@@ -1,0 +1,201 @@
+"""A frozen BatchNorm in eval mode trains under every engine, exactly; one that mixes examples is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from models import Classifier, loader, quiet_trainer
+from reference import per_example_gradients, reference_clipped_mean
+from torch import nn
+
+from lightning_autodp import DPAutoStrategy
+from lightning_autodp.safeguards import batchnorm
+from lightning_autodp.safeguards.batchnorm import BatchNormModeError
+
+ENGINES = ["auto", "bk", "ghost", "hooks"]
+
+
+def _backbone(seed: int = 0) -> nn.Sequential:
+    """Conv -> BatchNorm2d (pretrained-like running statistics) -> ReLU -> Linear head."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).double()
+    bn = net[1]
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(4, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(4, dtype=torch.float64) + 0.5)
+        bn.weight.copy_(torch.rand(4, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(4, dtype=torch.float64))
+    return net
+
+
+def _freeze(net: nn.Module) -> nn.Module:
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(False)
+            m.eval()
+    return net
+
+
+def _data(n: int = 8):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _expected(net: nn.Module, x, y, max_grad_norm: float) -> list[torch.Tensor]:
+    """The clipped mean from one backward per example, the BatchNorm applying its running statistics."""
+    ref = _freeze(copy.deepcopy(net))
+
+    def loss_i(m, i):
+        return F.cross_entropy(m(x[i : i + 1]), y[i : i + 1])
+
+    grads = per_example_gradients(ref, loss_i, len(x))
+    return reference_clipped_mean(grads, "abadi", max_grad_norm, 0.01, batch_size=len(x))
+
+
+def _fit(model: L.LightningModule, x, y, engine: str, max_steps: int = 1, callbacks=(), **strategy_kwargs):
+    strategy = DPAutoStrategy(
+        noise_multiplier=0.0,
+        clipping="abadi",
+        max_grad_norm=0.5,
+        poisson_sampling=False,
+        engine=engine,
+        **strategy_kwargs,
+    )
+    trainer = quiet_trainer(
+        strategy=strategy, precision="64-true", max_steps=max_steps, callbacks=list(callbacks)
+    )
+    trainer.fit(model, loader(x, y, batch_size=len(x)))
+    return strategy
+
+
+def _trainable(net: nn.Module) -> list[nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def _assert_update(before: list[torch.Tensor], net: nn.Module, expected: list[torch.Tensor]) -> None:
+    update = [b - a.detach() for b, a in zip(before, _trainable(net))]
+    assert len(update) == len(expected)
+    for u, e in zip(update, expected):
+        err = (u - e).norm() / e.norm()
+        assert err < 1e-5, f"relative error {err:.2e}"
+
+
+class FreezeBatchNormEachEpoch(Classifier):
+    """The usual fine-tuning recipe: BatchNorm frozen and put in eval mode at every epoch start."""
+
+    def on_train_epoch_start(self) -> None:
+        _freeze(self.net)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_frozen_eval_batchnorm_matches_per_example_loop(engine):
+    """Frozen + eval mode from the start (Lightning keeps each submodule's mode): exact, verified."""
+    net, (x, y) = _freeze(_backbone()), _data()
+    expected = _expected(net, x, y, 0.5)
+    model = Classifier(net)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    running = net[1].running_mean.clone()
+    strategy = _fit(model, x, y, engine)
+    assert strategy.steps == 1
+    _assert_update(before, model.net, expected)
+    assert torch.equal(net[1].running_mean, running)  # statistics stay the public, pretrained ones
+
+
+@pytest.mark.parametrize("engine", ["auto", "hooks"])
+def test_batchnorm_frozen_in_on_train_epoch_start(engine):
+    """Frozen at each epoch start (after anything that switched the model to train mode)."""
+    net, (x, y) = _backbone(), _data()
+    net.train()
+    net[1].requires_grad_(False)
+    expected = _expected(net, x, y, 0.5)
+    model = FreezeBatchNormEachEpoch(net)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    _fit(model, x, y, engine)
+    _assert_update(before, model.net, expected)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_frozen_batchnorm_in_train_mode_is_refused_at_the_step(engine):
+    """Verification runs parameter-free modules in eval mode, so only the step-time guard sees this."""
+    net, (x, y) = _backbone(), _data()
+    net[1].requires_grad_(False)  # frozen, but left in train mode: batch statistics
+    model = Classifier(net)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    with pytest.raises(BatchNormModeError) as info:
+        _fit(model, x, y, engine)
+    assert str(info.value).startswith(
+        "Layer 'net.1' (BatchNorm2d) ran in train mode in a training step: it normalises with the statistics "
+        "of the batch, which mix the examples"
+    )
+    assert "`net.1.eval()`" in str(info.value) and "nn.GroupNorm" in str(info.value)
+    assert all(torch.equal(b, p) for b, p in zip(before, _trainable(model.net)))  # no update was taken
+
+
+def test_without_the_guard_the_update_silently_mixes_examples(monkeypatch):
+    """Mutation: with the step-time check switched off, the same run trains and its update is wrong."""
+    monkeypatch.setattr(batchnorm, "uses_batch_statistics", lambda layer: False)
+    net, (x, y) = _backbone(), _data()
+    net[1].requires_grad_(False)
+    expected = _expected(net, x, y, 0.5)
+    model = Classifier(net)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    _fit(model, x, y, "auto")
+    with pytest.raises(AssertionError, match="relative error"):
+        _assert_update(before, model.net, expected)
+
+
+class SwitchBackToTrain(L.Callback):
+    """A callback that puts the whole model in train mode before the second step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            pl_module.train()
+
+
+@pytest.mark.parametrize("engine", ["auto", "hooks"])
+def test_batchnorm_switched_back_to_train_mode_mid_run_is_caught(engine):
+    net, (x, y) = _freeze(_backbone()), _data()
+    model = Classifier(net)
+    with pytest.raises(BatchNormModeError, match=r"^Layer 'net\.1' \(BatchNorm2d\) ran in train mode"):
+        _fit(model, x, y, engine, max_steps=3, callbacks=[SwitchBackToTrain()])
+    assert model.trainer.strategy.steps == 1  # the first step trained; the second was refused
+
+
+def test_trainable_batchnorm_is_refused_at_setup_naming_both_fixes():
+    net = _backbone()
+    net.eval()  # eval mode alone is not enough: its affine parameters are still trainable
+    model = Classifier(net)
+    with pytest.raises(ValueError) as info:
+        _fit(model, *_data(), "auto")
+    assert str(info.value).startswith(
+        "Layer 'net.1' (BatchNorm2d) has trainable parameters (weight, bias): in train mode batch "
+        "normalisation mixes the examples of a batch"
+    )
+    assert "`net.1.requires_grad_(False)`" in str(info.value) and "`net.1.eval()`" in str(info.value)
+    assert "nn.GroupNorm" in str(info.value)
+
+
+def test_batchnorm_without_running_statistics_is_refused():
+    net = _backbone()
+    net[1] = nn.BatchNorm2d(4, track_running_stats=False, affine=False).double().eval()
+    with pytest.raises(ValueError, match=r"^Layer 'net\.1' \(BatchNorm2d\) has track_running_stats=False"):
+        _fit(Classifier(net), *_data(), "auto")
+
+
+def test_uses_batch_statistics_follows_torch():
+    """The guard's condition against torch's own: batch statistics change the output with the batch."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for training in (True, False):
+        for track in (True, False):
+            bn = nn.BatchNorm1d(3, track_running_stats=track).double().train(training)
+            with torch.no_grad():
+                whole = bn(x)[:2]
+                alone = torch.cat([bn(x[:2]), bn(x[2:])])[:2]  # the same rows in another batch
+            mixes = not torch.allclose(whole, alone)
+            assert batchnorm.uses_batch_statistics(bn) == mixes
