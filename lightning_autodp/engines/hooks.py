@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -90,11 +91,41 @@ def _conv_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Te
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
 
 
+class HooksEngineError(RuntimeError):
+    """Opacus's per-sample gradient hooks failed on a layer; the message names it and the fix."""
+
+
+#: the fix every hooks-engine error names: the default engine has no Opacus hooks at all
+_USE_AUTO = (
+    "Use engine='auto' (the default): it computes exact per-example gradients of every layer from one "
+    "backward pass, without Opacus's hooks, and falls back to an exact torch.func rule for layers it has "
+    "no rule for."
+)
+
+
+def _hooks_error(layer: str | None, err: BaseException, why: str = "", cause: str = "") -> HooksEngineError:
+    """The error a user sees for ``err`` raised by Opacus's hooks on ``layer`` (``'name' (Type)``).
+
+    ``cause`` replaces the default "Opacus's hooks raised <err>"; ``why`` explains it.
+    """
+    where = f" on layer {layer}" if layer else ""
+    cause = cause or f"Opacus's per-sample gradient hooks raised {type(err).__name__}: {err}."
+    detail = f" {why}" if why else ""
+    return HooksEngineError(f"engine='hooks' failed{where}: {cause}{detail} {_USE_AUTO}")
+
+
+def _non_tensor_inputs(forward_input: tuple) -> list[str]:
+    return [type(a).__name__ for a in forward_input if not isinstance(a, Tensor)]
+
+
 class _InPlaceGradSampleModule(GradSampleModule):
     """Opacus's hooks, with rules of our own for ``nn.MultiheadAttention`` (batch_first) and
-    for convolutions on channels-last inputs.
+    for convolutions on channels-last inputs, and errors that name the layer.
 
-    A subclass, so that Opacus's global registry stays untouched for the user's other code.
+    A subclass, so that Opacus's global registry stays untouched for the user's other code. Every
+    exception raised while Opacus attaches its hooks, in its forward hook or in its backward hook
+    (where it runs the per-layer rules) becomes a :class:`HooksEngineError` naming the layer (its
+    path in the user's module and its type), chained to Opacus's own exception.
     """
 
     GRAD_SAMPLERS = {
@@ -104,6 +135,64 @@ class _InPlaceGradSampleModule(GradSampleModule):
         nn.Conv2d: _conv_grad_sample,
         nn.Conv3d: _conv_grad_sample,
     }
+
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
+        # Plain attributes (no modules) may be set before nn.Module.__init__.
+        self._dp_names = {id(m): name or type(module).__name__ for name, m in module.named_modules()}
+        self._dp_layer: str | None = None  # the layer Opacus is attaching hooks to
+        self.last_layer: str | None = None  # the last hooked layer whose forward ran
+        try:
+            super().__init__(module, **kwargs)
+        except Exception as err:
+            if "_module" in self._modules:  # hooks attached before the failure must not stay on the model
+                self.remove_hooks()
+            why = ""
+            if "has buffers" in str(err):
+                why = (
+                    "Opacus has no per-sample rule for this layer's type, and its generic functorch rule "
+                    "refuses layers that hold buffers."
+                )
+            raise _hooks_error(self._dp_layer, err, why) from err
+
+    def label(self, module: nn.Module) -> str:
+        """``'path.in.model' (Type)`` of a hooked layer."""
+        return f"{self._dp_names.get(id(module), '?')!r} ({type(module).__name__})"
+
+    def iterate_submodules(self, module: nn.Module) -> Iterator[nn.Module]:
+        for m in super().iterate_submodules(module):
+            self._dp_layer = self.label(m)
+            yield m
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: Any, _forward_output: Any) -> None:
+        # Recorded even with the hooks off: Opacus's backward hooks stay registered, and an in-place
+        # operation on a hooked layer's output fails outside the captured steps as well.
+        self.last_layer = self.label(module)
+        try:
+            super().capture_activations_hook(module, forward_input, _forward_output)
+        except Exception as err:
+            why = ""
+            if _non_tensor_inputs(forward_input):
+                why = (
+                    "Opacus stores every positional input of a hooked layer as a tensor, and this layer was "
+                    f"called with a positional {', '.join(_non_tensor_inputs(forward_input))}."
+                )
+            raise _hooks_error(self.label(module), err, why) from err
+
+    def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().capture_backprops_hook(module, *args, **kwargs)
+        except Exception as err:
+            raise _hooks_error(self.label(module), err) from err
+
+
+def _raised_in_opacus(err: BaseException) -> bool:
+    """True when a frame of ``err``'s traceback is in the ``opacus`` package."""
+    tb = err.__traceback__
+    while tb is not None:
+        if os.sep + "opacus" + os.sep in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class HooksEngine(PerSampleEngine):
@@ -140,6 +229,34 @@ class HooksEngine(PerSampleEngine):
                 layer._dp_calls = []
             layer._dp_calls.append((tuple(args), dict(kwargs)))
 
+    def explain_error(self, err: BaseException) -> Exception | None:
+        """A :class:`HooksEngineError` for an exception that Opacus's hooks caused outside them.
+
+        Opacus's full backward hooks wrap each hooked layer's output in a view made by a custom
+        autograd Function; torch forbids modifying that view in place, so an in-place operation on
+        the output (``nn.ReLU(inplace=True)``, ``x += ...``) raises in the user's forward, outside any
+        hook. The layer named is the last hooked layer that ran before it. Any other exception whose
+        traceback passes through Opacus gets the generic message.
+        """
+        if isinstance(err, HooksEngineError):
+            return None
+        text = str(err)
+        if "BackwardHookFunction" in text and "inplace" in text:
+            cause = (
+                "an in-place operation (e.g. nn.ReLU(inplace=True) or `x += ...`) modified the output of a "
+                "layer hooked by Opacus, which its backward hooks make a view that autograd forbids "
+                "modifying in place (torch: 'Output 0 of BackwardHookFunction is a view and is being "
+                "modified inplace')."
+            )
+            why = (
+                "The layer named is the last hooked layer that ran before the failing operation. Making the "
+                "operation out of place (inplace=False) also avoids it."
+            )
+            return _hooks_error(self._gsm.last_layer, err, why, cause)
+        if _raised_in_opacus(err):
+            return _hooks_error(self._gsm.last_layer, err)
+        return None
+
     @classmethod
     def unsupported_modules(cls, module: nn.Module) -> list[tuple[str, nn.Module]]:
         # Layers without an Opacus rule fall back to functorch, which handles any layer that
@@ -158,6 +275,11 @@ class HooksEngine(PerSampleEngine):
         try:
             with super().capturing():
                 yield
+        except Exception as err:
+            explained = self.explain_error(err)
+            if explained is None:
+                raise
+            raise explained from err
         finally:
             self._gsm.disable_hooks()
 

@@ -610,7 +610,20 @@ class DPAutoStrategy(DDPStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code."""
+        """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code.
+
+        An exception the engine's machinery caused in the user's code (Opacus's hooks and an in-place
+        operation) is re-raised as the engine's error naming the layer and the fix, chained.
+        """
+        try:
+            return self._captured_training_step(args, kwargs)
+        except Exception as err:
+            explained = self._engine.explain_error(err) if self._engine is not None else None
+            if explained is None:
+                raise
+            raise explained from err
+
+    def _captured_training_step(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._close_capture()
         batch = args[0] if args else kwargs.get("batch")
         empty = isinstance(batch, EmptyBatch)
