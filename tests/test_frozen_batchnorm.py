@@ -199,3 +199,49 @@ def test_uses_batch_statistics_follows_torch():
                 alone = torch.cat([bn(x[:2]), bn(x[2:])])[:2]  # the same rows in another batch
             mixes = not torch.allclose(whole, alone)
             assert batchnorm.uses_batch_statistics(bn) == mixes
+
+
+class FineTune(L.LightningModule):
+    """A pretrained backbone fine-tuned with its BatchNorm frozen in configure_model, and a new head."""
+
+    def __init__(self, retrain: bool = False) -> None:
+        super().__init__()
+        self.backbone = _backbone()[:3]
+        self.head = nn.Linear(4 * 4 * 4, 3).double()
+        self.retrain = retrain
+
+    def configure_model(self) -> None:
+        _freeze(self.backbone)
+
+    def on_train_epoch_start(self) -> None:
+        if self.retrain:  # the mutation: a hook that puts the whole model back in train mode
+            self.train()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x).flatten(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+@pytest.mark.parametrize("retrain", [False, True])
+def test_fine_tuning_under_dp_auto_with_verification(retrain):
+    """The real path: strategy='dp_auto' with its defaults (noise, Poisson sampling, verification on)."""
+    model = FineTune(retrain=retrain)
+    x, y = _data(32)
+    bn = model.backbone[1]
+    state = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    frozen = [t.detach().clone() for t in state]
+    conv = model.backbone[0].weight.detach().clone()
+    trainer = quiet_trainer(strategy="dp_auto", precision="64-true", max_epochs=2)
+    if retrain:
+        refused = r"^Layer 'backbone\.1' \(BatchNorm2d\) ran in train mode"
+        with pytest.raises(BatchNormModeError, match=refused):
+            trainer.fit(model, loader(x, y, batch_size=8))
+        assert trainer.strategy.steps == 0
+        return
+    trainer.fit(model, loader(x, y, batch_size=8))
+    assert trainer.strategy.steps == 8
+    assert all(torch.equal(a, b) for a, b in zip(frozen, state))  # parameters and statistics
+    assert not torch.equal(conv, model.backbone[0].weight)  # the convolution before it was fine-tuned

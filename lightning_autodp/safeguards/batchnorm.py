@@ -69,9 +69,10 @@ def refuse_unsupported_batch_norms(module: nn.Module) -> None:
                 f"Layer {name!r} ({kind}) has trainable parameters ({', '.join(trainable)}): in train mode "
                 "batch normalisation mixes the examples of a batch, so per-example gradients and DP do not "
                 f"exist for it, and dp_auto has no rule for its affine parameters in eval mode. Freeze it "
-                f"(`{name}.requires_grad_(False)`) and keep it in eval mode (`{name}.eval()`), so it applies "
-                "its running statistics to each example alone (see " + DOC + "), or replace it with "
-                "nn.GroupNorm (e.g. opacus.validators.ModuleValidator.fix(model) does this)."
+                f"before Trainer.fit (`{name}.requires_grad_(False)`, e.g. in __init__ or configure_model) "
+                f"and keep it in eval mode (`{name}.eval()`), so it applies its running statistics to each "
+                "example alone (see " + DOC + "), or replace it with nn.GroupNorm (e.g. "
+                "opacus.validators.ModuleValidator.fix(model) does this)."
             )
         if getattr(layer, "running_mean", None) is None and getattr(layer, "running_var", None) is None:
             raise ValueError(
