@@ -1,4 +1,4 @@
-"""A frozen BatchNorm in eval mode trains under every engine, exactly; one that mixes examples is refused."""
+"""BatchNorm in eval mode (frozen or not) trains exactly under any engine; mixing examples is refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from models import Classifier, loader, quiet_trainer
 from reference import per_example_gradients, reference_clipped_mean
 from torch import nn
 
-from lightning_autodp import DPAutoStrategy
+from lightning_autodp import DPAutoStrategy, EngineVerificationError
+from lightning_autodp.engines import hooks
+from lightning_autodp.engines.rules import batchnorm as bn_rule
 from lightning_autodp.safeguards import batchnorm
 from lightning_autodp.safeguards.batchnorm import BatchNormModeError
 
@@ -167,18 +169,50 @@ def test_batchnorm_switched_back_to_train_mode_mid_run_is_caught(engine):
     assert model.trainer.strategy.steps == 1  # the first step trained; the second was refused
 
 
-def test_trainable_batchnorm_is_refused_at_setup_naming_both_fixes():
-    net = _backbone()
-    net.eval()  # eval mode alone is not enough: its affine parameters are still trainable
+@pytest.mark.parametrize("engine", ENGINES)
+def test_trainable_batchnorm_in_eval_mode_matches_per_example_loop(engine):
+    """Eval mode, affine parameters trainable (running statistics frozen): the per-channel affine rule."""
+    net, (x, y) = _backbone(), _data()
+    net[1].eval()
+    ref = copy.deepcopy(net)
+
+    def loss_i(m, i):
+        return F.cross_entropy(m(x[i : i + 1]), y[i : i + 1])
+
+    expected = reference_clipped_mean(per_example_gradients(ref, loss_i, len(x)), "abadi", 0.5, 0.01, len(x))
     model = Classifier(net)
-    with pytest.raises(ValueError) as info:
-        _fit(model, *_data(), "auto")
-    assert str(info.value).startswith(
-        "Layer 'net.1' (BatchNorm2d) has trainable parameters (weight, bias): in train mode batch "
-        "normalisation mixes the examples of a batch"
-    )
-    assert "`net.1.requires_grad_(False)`" in str(info.value) and "`net.1.eval()`" in str(info.value)
-    assert "nn.GroupNorm" in str(info.value)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    assert len(before) == 6  # conv weight and bias, BatchNorm weight and bias, head weight and bias
+    _fit(model, x, y, engine)
+    _assert_update(before, model.net, expected)
+
+
+@pytest.mark.parametrize("engine", ["bk", "hooks"])
+def test_verification_catches_a_wrong_batchnorm_rule(engine, monkeypatch):
+    """Mutation: the rule normalises with nothing (xhat = x): verification refuses before any update."""
+    monkeypatch.setattr(bn_rule, "normalised_with_running_statistics", lambda module, x: x)
+    monkeypatch.setattr(hooks, "normalised_with_running_statistics", lambda module, x: x)
+    net, (x, y) = _backbone(), _data()
+    net[1].eval()
+    model = Classifier(net)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    with pytest.raises(EngineVerificationError):
+        _fit(model, x, y, engine)
+    assert all(torch.equal(b, p) for b, p in zip(before, _trainable(model.net)))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_trainable_batchnorm_in_train_mode_is_refused_before_any_update(engine, verify):
+    """A model built for training has its BatchNorm in train mode: refused at the first step."""
+    net, (x, y) = _backbone(), _data()
+    model = Classifier(net)
+    before = [p.detach().clone() for p in _trainable(model.net)]
+    with pytest.raises(BatchNormModeError) as info:
+        _fit(model, x, y, engine, verify=verify)
+    assert str(info.value).startswith("Layer 'net.1' (BatchNorm2d) ran in train mode in a training step")
+    assert "`net.1.eval()`" in str(info.value) and "nn.GroupNorm" in str(info.value)
+    assert all(torch.equal(b, p) for b, p in zip(before, _trainable(model.net)))
 
 
 def test_batchnorm_without_running_statistics_is_refused():

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_autodp.engines.base import PerSampleEngine, add_into
+from lightning_autodp.engines.rules.batchnorm import BATCH_NORMS, normalised_with_running_statistics
+from lightning_autodp.safeguards.batchnorm import check_per_example
 
 _HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
@@ -91,6 +93,28 @@ def _conv_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Te
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
 
 
+def _batch_norm_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict:
+    r"""Per-example gradients of an eval-mode BatchNorm's affine parameters (see :mod:`.rules.batchnorm`).
+
+    :math:`\hat x` from the running statistics; ``dw_i = sum_spatial(g_i * xhat_i)``,
+    ``db_i = sum_spatial(g_i)``.
+    The forward hook refuses a call in train mode, so the statistics here are the ones the forward used.
+    """
+    x = activations[0]
+    xhat = normalised_with_running_statistics(layer, x)
+    spatial = list(range(2, x.dim()))
+
+    def per_example(t: Tensor) -> Tensor:
+        return t.sum(spatial) if spatial else t
+
+    out = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        out[layer.weight] = per_example(backprops * xhat)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = per_example(backprops)
+    return out
+
+
 class HooksEngineError(RuntimeError):
     """Opacus's per-sample gradient hooks failed on a layer; the message names it and the fix."""
 
@@ -134,6 +158,7 @@ class _InPlaceGradSampleModule(GradSampleModule):
         nn.Conv1d: _conv_grad_sample,
         nn.Conv2d: _conv_grad_sample,
         nn.Conv3d: _conv_grad_sample,
+        **dict.fromkeys(BATCH_NORMS, _batch_norm_grad_sample),
     }
 
     def __init__(self, module: nn.Module, **kwargs: Any) -> None:
@@ -167,7 +192,13 @@ class _InPlaceGradSampleModule(GradSampleModule):
         # Recorded even with the hooks off: Opacus's backward hooks stay registered, and an in-place
         # operation on a hooked layer's output fails outside the captured steps as well.
         self.last_layer = self.label(module)
+        eval_batch_norm = isinstance(module, BATCH_NORMS) and not module.training
+        if isinstance(module, BATCH_NORMS) and self.hooks_enabled and torch.is_grad_enabled():
+            check_per_example(self._dp_names.get(id(module), "?"), module)
         try:
+            # Opacus records activations of train-mode layers only; an eval-mode BatchNorm with
+            # trainable parameters is exactly what its sampler handles, so it is recorded as in train mode.
+            module.training = module.training or eval_batch_norm
             super().capture_activations_hook(module, forward_input, _forward_output)
         except Exception as err:
             why = ""
@@ -177,6 +208,9 @@ class _InPlaceGradSampleModule(GradSampleModule):
                     f"called with a positional {', '.join(_non_tensor_inputs(forward_input))}."
                 )
             raise _hooks_error(self.label(module), err, why) from err
+        finally:
+            if eval_batch_norm:
+                module.training = False
 
     def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         try:

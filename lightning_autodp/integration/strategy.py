@@ -629,7 +629,7 @@ class DPAutoStrategy(DDPStrategy):
         empty = isinstance(batch, EmptyBatch)
         # -- verify (safeguards.verify): engine vs a per-example loop, before the first update
         if self._verify_pending:
-            with self.precision_plugin.train_step_context():
+            with self.precision_plugin.train_step_context(), self._batch_norms_armed():
                 self._verify_pending = not self.verify_first_batch(args, kwargs, empty=empty)
         # -- end verify
         if empty:
@@ -640,9 +640,12 @@ class DPAutoStrategy(DDPStrategy):
         self._capture = contextlib.ExitStack()
         self._engine.expect_batch_size(infer_batch_size(batch))  # engines: ids shared by the batch
         self._capture.enter_context(self._engine.capturing())
-        if self._batch_norms is not None:  # a BatchNorm switched to train mode would mix the examples
-            self._capture.enter_context(self._batch_norms.armed())
+        self._capture.enter_context(self._batch_norms_armed())
         return super().training_step(*args, **kwargs)
+
+    def _batch_norms_armed(self) -> contextlib.AbstractContextManager:
+        """Every BatchNorm call is checked inside: one in train mode would mix the examples."""
+        return self._batch_norms.armed() if self._batch_norms is not None else contextlib.nullcontext()
 
     def verify_first_batch(
         self, args: tuple, kwargs: dict, *, empty: bool = False, layout: GradientLayout | None = None

@@ -1,4 +1,4 @@
-r"""BatchNorm under DP: accepted frozen and in eval mode, refused wherever it mixes the examples.
+r"""BatchNorm under DP: accepted in eval mode with running statistics, refused wherever it mixes examples.
 
 A BatchNorm layer computes
 
@@ -9,20 +9,19 @@ variance *of the batch*: every example's output, hence its loss and gradient, de
 examples, so per-example gradients (and the sensitivity bound of DP-SGD) do not exist; the running
 statistics it updates are computed from the private batch without noise as well. In eval mode with
 running statistics, :math:`\mu, \sigma^2` are constants: the layer is a fixed per-channel affine map
-of each example alone, which every engine treats like any other function of the example. That is how
-a pretrained vision backbone is fine-tuned with its BatchNorm frozen.
+of each example alone. Frozen, every engine treats it like any other function of the example; with
+trainable :math:`\gamma, \beta` the engines have an exact rule for it
+(:mod:`lightning_autodp.engines.rules.batchnorm`, and the hooks engine's sampler).
 
 Two checks:
 
-* :func:`refuse_unsupported_batch_norms` (at setup): a BatchNorm with trainable affine parameters,
-  or without running statistics (``track_running_stats=False``: batch statistics even in eval mode),
-  is refused with the fix named. Trainable affine parameters are refused in either mode: their
-  per-example gradients would be exact in eval mode, but no engine has a rule for them.
-* :class:`BatchNormGuard` (at every training step): Lightning keeps each submodule's mode as the user
-  set it, but the user's code (``model.train()`` in a hook, a callback) can switch a frozen BatchNorm
-  back to train mode at any time. A forward pre-hook on every BatchNorm raises, while a training step
-  is being captured, when the layer is about to normalise with batch statistics. Verification cannot
-  see this: it runs parameter-free modules in eval mode.
+* :func:`refuse_unsupported_batch_norms` (at setup): a BatchNorm without running statistics
+  (``track_running_stats=False``: batch statistics even in eval mode) is refused with the fix named.
+* :class:`BatchNormGuard` (at every training step, verification included): Lightning keeps each
+  submodule's mode as the user set it, but the user's code (``model.train()`` in a hook, a callback)
+  can switch a BatchNorm back to train mode at any time, and a model built for training has its
+  BatchNorm in train mode. A forward pre-hook on every BatchNorm raises :class:`BatchNormModeError`
+  when the layer is about to normalise with batch statistics, before any update.
 """
 
 from __future__ import annotations
@@ -59,21 +58,25 @@ def uses_batch_statistics(layer: nn.Module) -> bool:
     )
 
 
+def check_per_example(name: str, layer: nn.Module) -> None:
+    """Raise :class:`BatchNormModeError` when ``layer`` (called ``name``) would use batch statistics."""
+    if uses_batch_statistics(layer):
+        raise BatchNormModeError(
+            f"Layer {name!r} ({type(layer).__name__}) ran in train mode in a training step: it "
+            "normalises with the statistics of the batch, which mix the examples (and updates its "
+            "running statistics from them), so the per-example gradients and the DP guarantee would "
+            "not hold. Keep it in eval mode for the whole fit, so it applies its running statistics (a "
+            f"pretrained model's): call `{name}.eval()` in the LightningModule's on_train_epoch_start "
+            "(after anything that calls .train(), e.g. model.train() in a hook or callback); or replace "
+            "it with nn.GroupNorm (a model trained from scratch; "
+            "opacus.validators.ModuleValidator.fix(model) does this). See " + DOC + "."
+        )
+
+
 def refuse_unsupported_batch_norms(module: nn.Module) -> None:
     """Raise ``ValueError`` for a BatchNorm that no mode makes per-example, naming the fix."""
     for name, layer in batch_norm_layers(module):
         kind = type(layer).__name__
-        trainable = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
-        if trainable:
-            raise ValueError(
-                f"Layer {name!r} ({kind}) has trainable parameters ({', '.join(trainable)}): in train mode "
-                "batch normalisation mixes the examples of a batch, so per-example gradients and DP do not "
-                f"exist for it, and dp_auto has no rule for its affine parameters in eval mode. Freeze it "
-                f"before Trainer.fit (`{name}.requires_grad_(False)`, e.g. in __init__ or configure_model) "
-                f"and keep it in eval mode (`{name}.eval()`), so it applies its running statistics to each "
-                "example alone (see " + DOC + "), or replace it with nn.GroupNorm (e.g. "
-                "opacus.validators.ModuleValidator.fix(model) does this)."
-            )
         if getattr(layer, "running_mean", None) is None and getattr(layer, "running_var", None) is None:
             raise ValueError(
                 f"Layer {name!r} ({kind}) has track_running_stats=False: it normalises with the statistics "
@@ -102,15 +105,8 @@ class BatchNormGuard:
 
     def _check(self, name: str) -> Any:
         def hook(layer: nn.Module, args: tuple) -> None:
-            if self._armed and uses_batch_statistics(layer):
-                raise BatchNormModeError(
-                    f"Layer {name!r} ({type(layer).__name__}) ran in train mode in a training step: it "
-                    "normalises with the statistics of the batch, which mix the examples (and updates its "
-                    "running statistics from them), so the per-example gradients and the DP guarantee would "
-                    f"not hold. Keep it in eval mode for the whole fit: call `{name}.eval()` in the "
-                    "LightningModule's on_train_epoch_start (after anything that calls .train(), e.g. "
-                    "model.train() in a hook or callback), or replace it with nn.GroupNorm (see " + DOC + ")."
-                )
+            if self._armed:
+                check_per_example(name, layer)
 
         return hook
 
