@@ -13,7 +13,7 @@ from reference import per_example_gradients, reference_clipped_mean
 from torch import nn
 
 from lightning_autodp import DPAutoStrategy, EngineVerificationError
-from lightning_autodp.engines import hooks
+from lightning_autodp.engines import hooks, make_engine
 from lightning_autodp.engines.rules import batchnorm as bn_rule
 from lightning_autodp.safeguards import batchnorm
 from lightning_autodp.safeguards.batchnorm import BatchNormModeError
@@ -279,3 +279,30 @@ def test_fine_tuning_under_dp_auto_with_verification(retrain):
     assert trainer.strategy.steps == 8
     assert all(torch.equal(a, b) for a, b in zip(frozen, state))  # parameters and statistics
     assert not torch.equal(conv, model.backbone[0].weight)  # the convolution before it was fine-tuned
+
+
+@pytest.mark.parametrize("engine", ["bk", "ghost", "hooks"])
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 5), (6, 4, 3, 3, 3)])
+def test_eval_batchnorm_rule_per_example_norms(shape, engine):
+    """The engines alone: per-example norms of a trainable eval-mode BatchNorm1d/3d on 2-5 dim inputs."""
+    torch.manual_seed(0)
+    bn = (nn.BatchNorm3d if len(shape) == 5 else nn.BatchNorm1d)(4)
+    net = nn.Sequential(nn.Linear(shape[-1], shape[-1]), bn).double()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    grads = per_example_gradients(net, lambda m, i: (m(x[i : i + 1]) ** 2).sum(), shape[0])
+    expected = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    engine_ = make_engine(engine, net)
+    with engine_.capturing():
+        loss = (net(x) ** 2).sum()
+        loss.backward(retain_graph=engine_.needs_backward_root)
+        if engine_.needs_backward_root:
+            engine_.set_backward_root(loss)
+    got = engine_.per_sample_squared_norms()
+    engine_.remove()
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)

@@ -228,3 +228,19 @@ def test_the_recommended_engine_trains_these_models_exactly(name):
     for b, p, e in zip(before, net.parameters(), expected):
         update = b - p.detach()
         assert (update - e).norm() / e.norm() < 1e-5
+
+
+def test_trainable_layer_in_eval_mode_is_named():
+    """Opacus records inputs in train mode only: a trainable layer left in eval mode fails in backward."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    net[0].eval()
+    engine = HooksEngine(net)
+    with pytest.raises(HooksEngineError) as info, engine.capturing():
+        net(torch.randn(3, 4)).sum().backward()
+    engine.remove()
+    assert str(info.value) == (
+        "engine='hooks' failed on layer '0' (Linear): Opacus's per-sample gradient hooks raised ValueError: "
+        "No activations detected for <class 'torch.nn.modules.linear.Linear'>, run forward after "
+        "add_hooks(model). Opacus records a layer's inputs only in train mode, and this layer has trainable "
+        "parameters but ran in eval mode. " + USE_AUTO
+    )

@@ -216,7 +216,13 @@ class _InPlaceGradSampleModule(GradSampleModule):
         try:
             super().capture_backprops_hook(module, *args, **kwargs)
         except Exception as err:
-            raise _hooks_error(self.label(module), err) from err
+            why = ""
+            if "No activations detected" in str(err) and not module.training:
+                why = (
+                    "Opacus records a layer's inputs only in train mode, and this layer has trainable "
+                    "parameters but ran in eval mode."
+                )
+            raise _hooks_error(self.label(module), err, why) from err
 
 
 def _raised_in_opacus(err: BaseException) -> bool:
