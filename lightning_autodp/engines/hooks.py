@@ -254,7 +254,7 @@ class HooksEngine(PerSampleEngine):
         # loss_reduction="sum": the engine reports raw per-example gradients of what was
         # backpropagated; the strategy owns the rescaling for mean losses and accumulation.
         # strict=False: buffers (positional encodings, running stats) are validated by the
-        # strategy with errors of its own; BatchNorm only frozen and in eval mode.
+        # strategy with errors of its own; BatchNorm only in eval mode (checked at every step).
         self._gsm = _InPlaceGradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
         self._gsm.disable_hooks()
         self._handles = [
