@@ -82,7 +82,7 @@ def refuse_unsupported_batch_norms(module: nn.Module) -> None:
                 f"Layer {name!r} ({kind}) has track_running_stats=False: it normalises with the statistics "
                 "of the batch even in eval mode, which mix the examples, so per-example gradients and DP do "
                 "not exist for it. Replace it with nn.GroupNorm (e.g. opacus.validators.ModuleValidator."
-                "fix(model)), or use a BatchNorm with running statistics, frozen and in eval mode."
+                "fix(model)), or use a BatchNorm with running statistics in eval mode (see " + DOC + ")."
             )
 
 
