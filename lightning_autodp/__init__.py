@@ -11,12 +11,14 @@ Importing the package registers ``strategy="dp_auto"`` with Lightning::
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_autodp.integration.callbacks import PrivacyBudget
+from lightning_autodp.engines.hooks import HooksEngineError
 from lightning_autodp.integration.fsdp import DPFSDPStrategy
 from lightning_autodp.integration.strategy import DPAutoStrategy
 from lightning_autodp.mechanism.accounting import Accountant
 from lightning_autodp.mechanism.clipping import clip_factors
 from lightning_autodp.mechanism.sampling import DistributedPoissonBatchSampler, EmptyBatch
 from lightning_autodp.safeguards.audit import PrivacyAudit
+from lightning_autodp.safeguards.batchnorm import BatchNormModeError
 from lightning_autodp.safeguards.checks import PrivacyCheckError
 from lightning_autodp.safeguards.verify import EngineVerificationError
 
@@ -28,11 +30,13 @@ for _strategy in (DPAutoStrategy, DPFSDPStrategy):
 
 __all__ = [
     "Accountant",
+    "BatchNormModeError",
     "DPAutoStrategy",
     "DPFSDPStrategy",
     "DistributedPoissonBatchSampler",
     "EmptyBatch",
     "EngineVerificationError",
+    "HooksEngineError",
     "PrivacyAudit",
     "PrivacyBudget",
     "PrivacyCheckError",

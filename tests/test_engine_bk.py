@@ -463,7 +463,9 @@ def test_captured_forward_equals_original():
 
 
 def test_refused_and_fallback_layers_are_named():
-    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Conv1d(4, 4, 1, groups=2), nn.LSTM(4, 4))
+    # BatchNorm without running statistics: batch statistics in every mode (eval-mode BatchNorm has a rule)
+    batch_stats = nn.BatchNorm1d(4, track_running_stats=False)
+    net = nn.Sequential(nn.Linear(4, 4), batch_stats, nn.Conv1d(4, 4, 1, groups=2), nn.LSTM(4, 4))
     assert [n for n, _ in BookKeepingEngine.unsupported_modules(net)] == ["1"]
     assert [n for n, _ in BookKeepingEngine.fallback_modules(net)] == ["3"]
     with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\).*GroupNorm"):

@@ -88,6 +88,14 @@ class PerSampleEngine(ABC):
     def set_backward_root(self, root: Tensor) -> None:  # noqa: B027 - optional hook
         """Receive the scalar that was backpropagated (only for ``needs_backward_root`` engines)."""
 
+    def explain_error(self, err: BaseException) -> Exception | None:
+        """An error naming the layer and the fix for ``err``, raised in a step this engine captured.
+
+        For exceptions this engine's machinery causes in the user's own code (outside its hooks);
+        ``None``: ``err`` is not the engine's doing and is re-raised as it is.
+        """
+        return None
+
     @property
     @abstractmethod
     def batch_size(self) -> int:

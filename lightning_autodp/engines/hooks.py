@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_autodp.engines.base import PerSampleEngine, add_into
+from lightning_autodp.engines.rules.batchnorm import BATCH_NORMS, normalised_with_running_statistics
+from lightning_autodp.safeguards.batchnorm import check_per_example
 
 _HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
@@ -90,11 +93,63 @@ def _conv_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Te
     return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
 
 
+def _batch_norm_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict:
+    r"""Per-example gradients of an eval-mode BatchNorm's affine parameters (see :mod:`.rules.batchnorm`).
+
+    :math:`\hat x` from the running statistics; ``dw_i = sum_spatial(g_i * xhat_i)``,
+    ``db_i = sum_spatial(g_i)``.
+    The forward hook refuses a call in train mode, so the statistics here are the ones the forward used.
+    """
+    x = activations[0]
+    xhat = normalised_with_running_statistics(layer, x)
+    spatial = list(range(2, x.dim()))
+
+    def per_example(t: Tensor) -> Tensor:
+        return t.sum(spatial) if spatial else t
+
+    out = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        out[layer.weight] = per_example(backprops * xhat)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = per_example(backprops)
+    return out
+
+
+class HooksEngineError(RuntimeError):
+    """Opacus's per-sample gradient hooks failed on a layer; the message names it and the fix."""
+
+
+#: the fix every hooks-engine error names: the default engine has no Opacus hooks at all
+_USE_AUTO = (
+    "Use engine='auto' (the default): it computes exact per-example gradients of every layer from one "
+    "backward pass, without Opacus's hooks, and falls back to an exact torch.func rule for layers it has "
+    "no rule for."
+)
+
+
+def _hooks_error(layer: str | None, err: BaseException, why: str = "", cause: str = "") -> HooksEngineError:
+    """The error a user sees for ``err`` raised by Opacus's hooks on ``layer`` (``'name' (Type)``).
+
+    ``cause`` replaces the default "Opacus's hooks raised <err>"; ``why`` explains it.
+    """
+    where = f" on layer {layer}" if layer else ""
+    cause = cause or f"Opacus's per-sample gradient hooks raised {type(err).__name__}: {err}."
+    detail = f" {why}" if why else ""
+    return HooksEngineError(f"engine='hooks' failed{where}: {cause}{detail} {_USE_AUTO}")
+
+
+def _non_tensor_inputs(forward_input: tuple) -> list[str]:
+    return [type(a).__name__ for a in forward_input if not isinstance(a, Tensor)]
+
+
 class _InPlaceGradSampleModule(GradSampleModule):
     """Opacus's hooks, with rules of our own for ``nn.MultiheadAttention`` (batch_first) and
-    for convolutions on channels-last inputs.
+    for convolutions on channels-last inputs, and errors that name the layer.
 
-    A subclass, so that Opacus's global registry stays untouched for the user's other code.
+    A subclass, so that Opacus's global registry stays untouched for the user's other code. Every
+    exception raised while Opacus attaches its hooks, in its forward hook or in its backward hook
+    (where it runs the per-layer rules) becomes a :class:`HooksEngineError` naming the layer (its
+    path in the user's module and its type), chained to Opacus's own exception.
     """
 
     GRAD_SAMPLERS = {
@@ -103,7 +158,81 @@ class _InPlaceGradSampleModule(GradSampleModule):
         nn.Conv1d: _conv_grad_sample,
         nn.Conv2d: _conv_grad_sample,
         nn.Conv3d: _conv_grad_sample,
+        **dict.fromkeys(BATCH_NORMS, _batch_norm_grad_sample),
     }
+
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
+        # Plain attributes (no modules) may be set before nn.Module.__init__.
+        self._dp_names = {id(m): name or type(module).__name__ for name, m in module.named_modules()}
+        self._dp_layer: str | None = None  # the layer Opacus is attaching hooks to
+        self.last_layer: str | None = None  # the last hooked layer whose forward ran
+        try:
+            super().__init__(module, **kwargs)
+        except Exception as err:
+            if "_module" in self._modules:  # hooks attached before the failure must not stay on the model
+                self.remove_hooks()
+            why = ""
+            if "has buffers" in str(err):
+                why = (
+                    "Opacus has no per-sample rule for this layer's type, and its generic functorch rule "
+                    "refuses layers that hold buffers."
+                )
+            raise _hooks_error(self._dp_layer, err, why) from err
+
+    def label(self, module: nn.Module) -> str:
+        """``'path.in.model' (Type)`` of a hooked layer."""
+        return f"{self._dp_names.get(id(module), '?')!r} ({type(module).__name__})"
+
+    def iterate_submodules(self, module: nn.Module) -> Iterator[nn.Module]:
+        for m in super().iterate_submodules(module):
+            self._dp_layer = self.label(m)
+            yield m
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: Any, _forward_output: Any) -> None:
+        # Recorded even with the hooks off: Opacus's backward hooks stay registered, and an in-place
+        # operation on a hooked layer's output fails outside the captured steps as well.
+        self.last_layer = self.label(module)
+        eval_batch_norm = isinstance(module, BATCH_NORMS) and not module.training
+        if isinstance(module, BATCH_NORMS) and self.hooks_enabled and torch.is_grad_enabled():
+            check_per_example(self._dp_names.get(id(module), "?"), module)
+        try:
+            # Opacus records activations of train-mode layers only; an eval-mode BatchNorm with
+            # trainable parameters is exactly what its sampler handles, so it is recorded as in train mode.
+            module.training = module.training or eval_batch_norm
+            super().capture_activations_hook(module, forward_input, _forward_output)
+        except Exception as err:
+            why = ""
+            if _non_tensor_inputs(forward_input):
+                why = (
+                    "Opacus stores every positional input of a hooked layer as a tensor, and this layer was "
+                    f"called with a positional {', '.join(_non_tensor_inputs(forward_input))}."
+                )
+            raise _hooks_error(self.label(module), err, why) from err
+        finally:
+            if eval_batch_norm:
+                module.training = False
+
+    def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().capture_backprops_hook(module, *args, **kwargs)
+        except Exception as err:
+            why = ""
+            if "No activations detected" in str(err) and not module.training:
+                why = (
+                    "Opacus records a layer's inputs only in train mode, and this layer has trainable "
+                    "parameters but ran in eval mode."
+                )
+            raise _hooks_error(self.label(module), err, why) from err
+
+
+def _raised_in_opacus(err: BaseException) -> bool:
+    """True when a frame of ``err``'s traceback is in the ``opacus`` package."""
+    tb = err.__traceback__
+    while tb is not None:
+        if os.sep + "opacus" + os.sep in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class HooksEngine(PerSampleEngine):
@@ -125,7 +254,7 @@ class HooksEngine(PerSampleEngine):
         # loss_reduction="sum": the engine reports raw per-example gradients of what was
         # backpropagated; the strategy owns the rescaling for mean losses and accumulation.
         # strict=False: buffers (positional encodings, running stats) are validated by the
-        # strategy with errors of its own; BatchNorm is rejected there.
+        # strategy with errors of its own; BatchNorm only in eval mode (checked at every step).
         self._gsm = _InPlaceGradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
         self._gsm.disable_hooks()
         self._handles = [
@@ -139,6 +268,34 @@ class HooksEngine(PerSampleEngine):
             if not hasattr(layer, "_dp_calls"):
                 layer._dp_calls = []
             layer._dp_calls.append((tuple(args), dict(kwargs)))
+
+    def explain_error(self, err: BaseException) -> Exception | None:
+        """A :class:`HooksEngineError` for an exception that Opacus's hooks caused outside them.
+
+        Opacus's full backward hooks wrap each hooked layer's output in a view made by a custom
+        autograd Function; torch forbids modifying that view in place, so an in-place operation on
+        the output (``nn.ReLU(inplace=True)``, ``x += ...``) raises in the user's forward, outside any
+        hook. The layer named is the last hooked layer that ran before it. Any other exception whose
+        traceback passes through Opacus gets the generic message.
+        """
+        if isinstance(err, HooksEngineError):
+            return None
+        text = str(err)
+        if "BackwardHookFunction" in text and "inplace" in text:
+            cause = (
+                "an in-place operation (e.g. nn.ReLU(inplace=True) or `x += ...`) modified the output of a "
+                "layer hooked by Opacus, which its backward hooks make a view that autograd forbids "
+                "modifying in place (torch: 'Output 0 of BackwardHookFunction is a view and is being "
+                "modified inplace')."
+            )
+            why = (
+                "The layer named is the last hooked layer that ran before the failing operation. Making the "
+                "operation out of place (inplace=False) also avoids it."
+            )
+            return _hooks_error(self._gsm.last_layer, err, why, cause)
+        if _raised_in_opacus(err):
+            return _hooks_error(self._gsm.last_layer, err)
+        return None
 
     @classmethod
     def unsupported_modules(cls, module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -158,6 +315,11 @@ class HooksEngine(PerSampleEngine):
         try:
             with super().capturing():
                 yield
+        except Exception as err:
+            explained = self.explain_error(err)
+            if explained is None:
+                raise
+            raise explained from err
         finally:
             self._gsm.disable_hooks()
 

@@ -41,6 +41,7 @@ from lightning_autodp.mechanism.clipping import (
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
+from lightning_autodp.safeguards.batchnorm import BatchNormGuard, refuse_unsupported_batch_norms
 from lightning_autodp.safeguards.checks import FirstStepChecks
 from lightning_autodp.safeguards.verify import (
     DEFAULT_EXAMPLES,
@@ -258,6 +259,7 @@ class DPAutoStrategy(DDPStrategy):
         self._restored_seed: int | None = None
         self._sample_rate: float | None = None
         self._engine: PerSampleEngine | None = None
+        self._batch_norms: BatchNormGuard | None = None
         self._dp_step: DPStep | None = None
         self._noise: NoiseSource | None = None
         self._capture: contextlib.ExitStack | None = None
@@ -398,6 +400,7 @@ class DPAutoStrategy(DDPStrategy):
         _validate_layers(module)
         self.prepare_module(module)
         self._engine = make_engine(self.engine, module)
+        self._batch_norms = BatchNormGuard(module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         names = {id(p): n for n, p in module.named_parameters()}
         self._dp_step = self.dp_step_class(
@@ -615,13 +618,26 @@ class DPAutoStrategy(DDPStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code."""
+        """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code.
+
+        An exception the engine's machinery caused in the user's code (Opacus's hooks and an in-place
+        operation) is re-raised as the engine's error naming the layer and the fix, chained.
+        """
+        try:
+            return self._captured_training_step(args, kwargs)
+        except Exception as err:
+            explained = self._engine.explain_error(err) if self._engine is not None else None
+            if explained is None:
+                raise
+            raise explained from err
+
+    def _captured_training_step(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._close_capture()
         batch = args[0] if args else kwargs.get("batch")
         empty = isinstance(batch, EmptyBatch)
         # -- verify (safeguards.verify): engine vs a per-example loop, before the first update
         if self._verify_pending:
-            with self.precision_plugin.train_step_context():
+            with self.precision_plugin.train_step_context(), self._batch_norms_armed():
                 self._verify_pending = not self.verify_first_batch(args, kwargs, empty=empty)
         # -- end verify
         if empty:
@@ -632,7 +648,12 @@ class DPAutoStrategy(DDPStrategy):
         self._capture = contextlib.ExitStack()
         self._engine.expect_batch_size(infer_batch_size(batch))  # engines: ids shared by the batch
         self._capture.enter_context(self._engine.capturing())
+        self._capture.enter_context(self._batch_norms_armed())
         return super().training_step(*args, **kwargs)
+
+    def _batch_norms_armed(self) -> contextlib.AbstractContextManager:
+        """Every BatchNorm call is checked inside: one in train mode would mix the examples."""
+        return self._batch_norms.armed() if self._batch_norms is not None else contextlib.nullcontext()
 
     def verify_first_batch(
         self, args: tuple, kwargs: dict, *, empty: bool = False, layout: GradientLayout | None = None
@@ -793,6 +814,9 @@ class DPAutoStrategy(DDPStrategy):
         if self._engine is not None:
             self._engine.remove()
             self._engine = None
+        if self._batch_norms is not None:
+            self._batch_norms.remove()
+            self._batch_norms = None
         if self._dp_step is not None:
             self._dp_step.clear()
             self._dp_step = None
@@ -862,13 +886,9 @@ def _run_seed() -> int:
 
 def _validate_layers(module: nn.Module) -> None:
     """Reject layers whose per-example gradients are undefined or unsupported, naming the fix."""
+    # BatchNorm: frozen and in eval mode it is per-example (the mode is checked at every step)
+    refuse_unsupported_batch_norms(module)
     for name, sub in module.named_modules():
-        if isinstance(sub, _compat.BATCH_NORM_BASE):
-            raise ValueError(
-                f"Layer {name!r} is {type(sub).__name__}: batch normalisation mixes the examples of a "
-                "batch, so per-example gradients and DP do not exist for it. Replace it with "
-                "nn.GroupNorm (e.g. opacus.validators.ModuleValidator.fix(model) does this)."
-            )
         if isinstance(sub, _compat.INSTANCE_NORM_BASE) and sub.track_running_stats:
             raise ValueError(
                 f"Layer {name!r} is {type(sub).__name__}(track_running_stats=True), whose running statistics "
