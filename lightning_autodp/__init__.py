@@ -10,8 +10,8 @@ Importing the package registers ``strategy="dp_auto"`` with Lightning::
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_autodp.integration.callbacks import PrivacyBudget
 from lightning_autodp.engines.hooks import HooksEngineError
+from lightning_autodp.integration.callbacks import PrivacyBudget
 from lightning_autodp.integration.fsdp import DPFSDPStrategy
 from lightning_autodp.integration.strategy import DPAutoStrategy
 from lightning_autodp.mechanism.accounting import Accountant
