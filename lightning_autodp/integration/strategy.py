@@ -10,7 +10,7 @@ import atexit
 import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -31,11 +31,17 @@ from typing_extensions import override
 
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.integration import _compat, summary
-from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
+from lightning_autodp.mechanism.clipping import ClippingMode, resolve_gamma, validate_clipping
 from lightning_autodp.mechanism.noise import NoiseSource
-from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
+from lightning_autodp.mechanism.observers import StepContext, StepObserver
+from lightning_autodp.mechanism.sampling import (
+    DistributedPoissonBatchSampler,
+    EmptyBatch,
+    check_poisson_compatible,
+    poisson_dataloader,
+)
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
-from lightning_autodp.safeguards.checks import FirstStepChecks
+from lightning_autodp.safeguards.checks import RunTimeChecks
 from lightning_autodp.safeguards.verify import (
     DEFAULT_EXAMPLES,
     EngineVerificationError,
@@ -116,8 +122,12 @@ class DPAutoStrategy(DDPStrategy):
             (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
-        run_checks: check the first optimizer step of every fit against silent privacy failures
-            (see :mod:`lightning_autodp.safeguards.checks`); on by default, negligible cost.
+        run_checks: check the first optimizer step of every fit in full, and every 10th step after
+            it, against silent privacy failures (see :mod:`lightning_autodp.safeguards.checks`); on by
+            default, under 2% of a step.
+        observers: :class:`~lightning_autodp.mechanism.observers.StepObserver` objects called at
+            fixed points of every DP step (checks, audit canaries, your own); more can be added with
+            :meth:`add_observer`.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as for
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -192,6 +202,7 @@ class DPAutoStrategy(DDPStrategy):
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
         run_checks: bool = True,
+        observers: Sequence[StepObserver] = (),
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -256,12 +267,13 @@ class DPAutoStrategy(DDPStrategy):
         self._fitting = False
         self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
         self._poisson_loader: Any = None
-        # --- audit/checks extension points (safeguards.audit, safeguards.checks) ---
+        self._step_context: StepContext | None = None
+        self._param_names: dict[nn.Parameter, str] = {}
         self.run_checks = run_checks
-        self._checks: FirstStepChecks | None = None
-        #: set by lightning_autodp.safeguards.audit.PrivacyAudit: virtual examples added to the clipped sum
-        self.canaries: Any = None
-        # --- end audit/checks ---
+        self._checks: RunTimeChecks | None = None
+        self._observers: list[StepObserver] = []
+        for observer in observers:
+            self.add_observer(observer)
 
     # ------------------------------------------------------------------ registry and launch
 
@@ -337,6 +349,32 @@ class DPAutoStrategy(DDPStrategy):
         self._verify_pending = bool(pending)
 
     @property
+    def observers(self) -> list[StepObserver]:
+        """The step observers called at every DP step: those registered, then the run-time checks."""
+        return [*self._observers, *([self._checks] if self._checks is not None else [])]
+
+    def add_observer(self, observer: StepObserver) -> None:
+        """Register a :class:`~lightning_autodp.mechanism.observers.StepObserver` for every following step."""
+        if not isinstance(observer, StepObserver):
+            raise TypeError(
+                f"add_observer takes a lightning_autodp.StepObserver, got {type(observer).__name__}. "
+                "Subclass StepObserver and override the hooks you need."
+            )
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer: StepObserver) -> None:
+        """Stop calling ``observer`` (no error if it was not registered)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    @property
+    def poisson_sampler(self) -> DistributedPoissonBatchSampler | None:
+        """The Poisson batch sampler drawing the data (None before setup, or without Poisson sampling)."""
+        loader = self._poisson_loader
+        return loader.batch_sampler if loader is not None else None
+
+    @property
     def seed(self) -> int | None:
         """The seed of the noise and sampling streams of this fit (None in secure mode / before fit)."""
         return self._seed
@@ -392,12 +430,13 @@ class DPAutoStrategy(DDPStrategy):
         self._engine = make_engine(self.engine, module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         names = {id(p): n for n, p in module.named_parameters()}
+        self._param_names = {p: n for n, p in module.named_parameters()}
         self._dp_step = self.dp_step_class(
             self._engine.params, self.clipping, self.max_grad_norm, self.gamma, names=names,
             bucket_mb=self.bucket_cap_mb,
         )  # fmt: skip
         self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
-        self._checks = FirstStepChecks(self) if self.run_checks else None  # audit/checks
+        self._checks = RunTimeChecks(seed=self._seed or 0) if self.run_checks else None
         return model
 
     def prepare_module(self, module: pl.LightningModule) -> None:
@@ -716,10 +755,6 @@ class DPAutoStrategy(DDPStrategy):
             scale *= float(_compat.grad_scaler(self.precision_plugin).get_scale())
         return scale
 
-    def clip_factors(self, norms: Tensor) -> Tensor:
-        """The configured clipping factors ``C_i`` for per-example norms (examples and audit canaries)."""
-        return clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
-
     # ------------------------------------------------------------------ the optimizer step
 
     @override
@@ -738,8 +773,10 @@ class DPAutoStrategy(DDPStrategy):
             return result
 
         result = super().optimizer_step(optimizer, private_closure, model, **kwargs)
-        if self._checks is not None:  # audit/checks
-            self._checks.after_step(optimizer)
+        if self._step_context is not None:
+            for observer in self.observers:
+                observer.after_step(self._step_context, optimizer)
+            self._step_context = None
         return result
 
     def _privatize_gradients(self) -> None:
@@ -755,14 +792,18 @@ class DPAutoStrategy(DDPStrategy):
                 "dp_auto has no noise_multiplier at the first optimizer step; the PrivacyBudget callback "
                 "should have calibrated it in on_train_start."
             )
-        params = dp_step.params
-        if self.canaries is not None:  # audit/checks: virtual examples through the same clipping
-            self.canaries.add_to_sum(dp_step.summed, params, self.clip_factors, self.global_rank)
-        if self._checks is not None:  # audit/checks
-            self._checks.before_noise(dp_step.summed, params, reduced=dp_step.sums_are_reduced)
-        noise.start_step(self.ledger.steps)
         distributed = self.world_size > 1 and _compat.distributed_is_initialized()
         scaler = _compat.grad_scaler(self.precision_plugin)
+        ctx = self._step_context = self._make_step_context(sigma, distributed, scaler)
+        observers = self.observers
+        if ctx.fit_step == 0:
+            for observer in observers:
+                observer.on_fit_start(ctx)
+        for observer in observers:  # virtual examples (canaries) join the sum through dp_step's clipping
+            observer.contribute(ctx)
+        for observer in observers:
+            observer.before_noise(ctx)
+        noise.start_step(self.ledger.steps)
         divisor, examples = dp_step.privatize(
             sigma=sigma,
             q=self._sample_rate,
@@ -774,8 +815,33 @@ class DPAutoStrategy(DDPStrategy):
             bucket_mb=self.bucket_cap_mb,
             grad_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
         )
-        if self._checks is not None:  # audit/checks
-            self._checks.after_privatize(params, divisor, examples)
+        for observer in observers:
+            observer.on_batch_sampled(ctx, int(round(examples)))
+        for observer in observers:
+            observer.after_privatize(ctx, divisor, examples)
+
+    def _make_step_context(self, sigma: float, distributed: bool, scaler: Any) -> StepContext:
+        """What the step observers may read about the step about to be privatized."""
+        assert self._dp_step is not None
+        fit_start = self._steps_at_fit_start or 0
+        return StepContext(
+            dp_step=self._dp_step,
+            params=self._dp_step.params,
+            sigma=sigma,
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=self._sample_rate,
+            dataset_size=self.dataset_size,
+            sampler=self.poisson_sampler if self.poisson_sampling else None,
+            step=self.ledger.steps,
+            fit_step=self.ledger.steps - fit_start,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            reduce=_all_reduce_sum if distributed else None,
+            ledger=self.ledger,
+            grad_scaler=scaler,
+            optimizers=self.optimizers,
+            names=self._param_names,
+        )
 
     # ------------------------------------------------------------------ teardown
 
