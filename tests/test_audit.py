@@ -146,6 +146,7 @@ def audited_run(
     mutation: str | None = None,
     budget: bool = False,
     extra_callbacks: tuple = (),
+    plant=None,
     **trainer_kwargs,
 ) -> PrivacyAudit:
     L.seed_everything(0, verbose=False)
@@ -156,10 +157,14 @@ def audited_run(
     callbacks = (
         [PrivacyBudget(target_epsilon=3.0, delta=1e-5, accountant="rdp"), audit] if budget else [audit]
     )
-    strategy = DPAutoStrategy(noise_multiplier=SIGMA, clipping="psac", run_checks=mutation is None)
+    strategy = DPAutoStrategy(
+        noise_multiplier=SIGMA, clipping="psac", run_checks=mutation is None and plant is None
+    )
     if mutation is not None:
         assert monkeypatch is not None
         apply_mutation(monkeypatch, mutation)
+    if plant is not None:
+        plant()
     trainer = quiet_trainer(
         strategy=strategy, max_epochs=EPOCHS, callbacks=[*callbacks, *extra_callbacks], **trainer_kwargs
     )

@@ -136,7 +136,7 @@ def check_sample_sizes(
     p_value = binomial_p_value(examples, trials, sample_rate)
     if p_value < false_alarm:
         raise PrivacyCheckError(
-            f"dp_auto run-time check: the last {steps} steps drew {examples} examples, a rate of "
+            f"dp_auto run-time check: the {steps} steps so far drew {examples} examples, a rate of "
             f"{examples / trials:.4g} per example and step, but the accounted q = {sample_rate:.6g} gives "
             f"{trials * sample_rate:.1f} on average (two-sided p-value {p_value:.2g}, below this look's "
             f"false-alarm level {false_alarm:.2g}). The sampler does not draw at the accounted rate q; "
