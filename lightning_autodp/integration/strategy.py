@@ -426,6 +426,12 @@ class DPAutoStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         _validate_layers(module)
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"{type(module).__name__} has no trainable parameter (every parameter has "
+                "requires_grad=False): dp_auto has nothing to train privately. Unfreeze the parameters to "
+                "train (p.requires_grad_(True), e.g. a head or adapters) before Trainer.fit."
+            )
         self.prepare_module(module)
         self._engine = make_engine(self.engine, module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
@@ -538,6 +544,7 @@ class DPAutoStrategy(DDPStrategy):
         self.dataset_size = len(loader.dataset)  # type: ignore[arg-type]
         expected = loader.batch_size * micro_batches * self.world_size  # type: ignore[operator]
         self._sample_rate = min(1.0, expected / self.dataset_size)
+        _warn_if_no_amplification(expected, self.dataset_size)
         self._poisson_loader = poisson_dataloader(
             loader,
             sample_rate=self._sample_rate,
@@ -557,7 +564,9 @@ class DPAutoStrategy(DDPStrategy):
         except TypeError:
             self.dataset_size = None
         if self.dataset_size and batch_size:
-            self._sample_rate = min(1.0, batch_size * micro_batches * self.world_size / self.dataset_size)
+            expected = batch_size * micro_batches * self.world_size
+            self._sample_rate = min(1.0, expected / self.dataset_size)
+            _warn_if_no_amplification(expected, self.dataset_size)
 
     @override
     def on_train_start(self) -> None:
@@ -909,6 +918,18 @@ def _refuse_ddp_wrapper_arguments(kwargs: dict[str, Any]) -> None:
             "model in torch's DistributedDataParallel (it all-reduces the clipped, noised sums itself), "
             "so DistributedDataParallel arguments and DDP communication hooks would have no effect. "
             "Remove them; the all-reduce's bucket size is DPAutoStrategy(bucket_cap_mb=...)."
+        )
+
+
+def _warn_if_no_amplification(expected_batch: int, dataset_size: int) -> None:
+    """q is clamped to 1 when the logical batch is not smaller than the dataset: say what that costs."""
+    if expected_batch >= dataset_size:
+        rank_zero_warn(
+            f"dp_auto: the logical batch (batch_size * accumulate_grad_batches * devices = {expected_batch}) "
+            f"is not smaller than the training set (N = {dataset_size}), so q = 1: every example enters "
+            "every step, there is no amplification by sampling, and each step spends the privacy of the "
+            "full Gaussian mechanism. Use a batch_size well below N (q = batch / N of 0.01 or less is usual) "
+            "or more training data."
         )
 
 
