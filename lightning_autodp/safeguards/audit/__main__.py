@@ -111,8 +111,6 @@ def run_digits(
         accuracy = float((model(x).argmax(1) == y).float().mean())
     if verbose:
         print(f"accounted epsilon {budget.epsilon:.3f} (delta={delta:g}), test accuracy {accuracy:.3f}")
-        if audit is not None and audit.result is not None:
-            print(audit.result.summary(budget.epsilon))
     return DigitsRun(seconds, budget.epsilon, accuracy, audit)
 
 
