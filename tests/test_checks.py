@@ -24,10 +24,12 @@ from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.step import DPStep, PrivacyLedger
 from lightning_autodp.safeguards.checks import (
     PrivacyCheckError,
+    RunTimeChecks,
     check_batch_size_plausible,
     check_clipping_bound,
     check_noise_scale,
     check_rates_agree,
+    chernoff_p_value,
     look_level,
     noise_scale_interval,
 )
@@ -250,7 +252,8 @@ def test_clipping_probe_passes_every_mode_and_catches_unclipped_weights(monkeypa
 
 
 def _wide_fit(factor: float, steps: int = 81) -> DPAutoStrategy:
-    """16-512-3 (10 243 coordinates; a look tests ~3400 of them), noise std times ``factor`` from step 2."""
+    """16-512-3 (10 243 coordinates; a look tests 5122), noise std times ``factor`` from step 2, a look
+    every 10 steps."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 3))
     gaussian = NoiseSource.gaussian
@@ -258,7 +261,8 @@ def _wide_fit(factor: float, steps: int = 81) -> DPAutoStrategy:
     def scaled(self, std, like):
         return gaussian(self, std * (factor if self._step >= 1 else 1.0), like)
 
-    strategy = DPAutoStrategy(noise_multiplier=1.0, clipping="psac", seed=0)
+    checks = RunTimeChecks(check_every=10)
+    strategy = DPAutoStrategy(noise_multiplier=1.0, clipping="psac", seed=0, run_checks=checks)
     x, y = _data(512)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(NoiseSource, "gaussian", scaled)
@@ -337,3 +341,13 @@ def test_observers_see_every_step_in_order():
 def test_add_observer_takes_step_observers_only():
     with pytest.raises(TypeError, match="add_observer takes a lightning_autodp.StepObserver, got function"):
         DPAutoStrategy(observers=[lambda ctx: None])
+
+
+def test_chernoff_p_value_bounds_the_exact_binomial_p_value():
+    """The cheap bound used at every look is never below scipy's exact two-sided p-value, so testing it
+    against a level keeps that level; and it is close enough to catch 1.25q (z ~ 6 here)."""
+    trials, q = 10 * 1437, 0.089
+    for k in range(900, 1700, 7):
+        exact = min(1.0, 2 * min(stats.binom.cdf(k, trials, q), stats.binom.sf(k - 1, trials, q)))
+        assert chernoff_p_value(k, trials, q) >= exact * (1 - 1e-9)
+    assert chernoff_p_value(round(1.25 * q * trials), trials, q) < look_level(1)

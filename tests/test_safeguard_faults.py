@@ -21,7 +21,7 @@ from torch import nn
 from lightning_autodp import DistributedPoissonBatchSampler, DPAutoStrategy
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.step import DPStep
-from lightning_autodp.safeguards.checks import PrivacyCheckError
+from lightning_autodp.safeguards.checks import PrivacyCheckError, RunTimeChecks
 from tests.models import Classifier, loader, quiet_trainer
 from tests.test_audit import _claimed_epsilon, audited_run
 
@@ -51,12 +51,13 @@ def plant(monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
 
 
 def _checked_fit(steps: int = 31, n: int = 512, batch: int = 64) -> DPAutoStrategy:
-    """A run with the run-time checks on: qN = 64 examples per step, sigma = 1, psac clipping."""
+    """A run with the run-time checks on, a look every 10 steps: qN = 64 per step, sigma = 1, psac."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 16, generator=g), torch.randint(0, 3, (n,), generator=g)
     net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 3))
-    strategy = DPAutoStrategy(noise_multiplier=1.0, clipping="psac", seed=0)
+    checks = RunTimeChecks(check_every=10)
+    strategy = DPAutoStrategy(noise_multiplier=1.0, clipping="psac", seed=0, run_checks=checks)
     quiet_trainer(strategy=strategy, max_steps=steps).fit(Classifier(net), loader(x, y, batch))
     return strategy
 
@@ -66,8 +67,8 @@ CHECK_MESSAGES = {
     "noise_x0.1_from_step_2": r"noise that entered step 11 of this fit has std .* 0\.1\d* times the expected",
     "clip_weights_x10": r"an example with gradient norm .* enters the clipped sum with norm .* above the "
     r"clipping bound R = 1",
-    "sampler_at_1.25q": r"the 11 steps so far drew \d+ examples, a rate of 0\.1[4-6]\d* per example and step, "
-    r"but the accounted q = 0\.125",
+    "sampler_at_1.25q": r"the 11 steps so far drew \d+ examples, a rate of 0\.1[4-6]\d* per example and "
+    r"step, but the accounted q = 0\.125",
 }
 
 

@@ -122,9 +122,10 @@ class DPAutoStrategy(DDPStrategy):
             (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
-        run_checks: check the first optimizer step of every fit in full, and every 10th step after
+        run_checks: check the first optimizer step of every fit in full, and every 25th step after
             it, against silent privacy failures (see :mod:`lightning_autodp.safeguards.checks`); on by
-            default, under 2% of a step.
+            default, under 2% of a step. A :class:`~lightning_autodp.RunTimeChecks` instance sets how
+            often and how many noise coordinates (``RunTimeChecks(check_every=10)``).
         observers: :class:`~lightning_autodp.mechanism.observers.StepObserver` objects called at
             fixed points of every DP step (checks, audit canaries, your own); more can be added with
             :meth:`add_observer`.
@@ -201,7 +202,7 @@ class DPAutoStrategy(DDPStrategy):
         verify: bool = True,  # verify
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
-        run_checks: bool = True,
+        run_checks: bool | RunTimeChecks = True,
         observers: Sequence[StepObserver] = (),
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -442,7 +443,10 @@ class DPAutoStrategy(DDPStrategy):
             bucket_mb=self.bucket_cap_mb,
         )  # fmt: skip
         self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
-        self._checks = RunTimeChecks(seed=self._seed or 0) if self.run_checks else None
+        if isinstance(self.run_checks, RunTimeChecks):
+            self._checks = self.run_checks
+        else:
+            self._checks = RunTimeChecks(seed=self._seed or 0) if self.run_checks else None
         return model
 
     def prepare_module(self, module: pl.LightningModule) -> None:
