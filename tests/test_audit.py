@@ -30,7 +30,9 @@ from lightning_autodp.mechanism.step import DPStep
 from lightning_autodp.safeguards.audit import (
     GradientCanaries,
     PrivacyAudit,
+    audit_ceiling,
     audit_scores,
+    canaries_needed,
     epsilon_lower_bound,
     max_certifiable_epsilon,
     p_value,
@@ -300,3 +302,30 @@ def test_audit_needs_a_delta_and_dp_auto():
         quiet_trainer(strategy="dp_auto", max_epochs=1, callbacks=[PrivacyAudit(m=11, delta=1e-5)]).fit(
             model, loader(x, y, 4)
         )
+
+
+def test_the_cli_defaults_can_show_a_violation():
+    """The CLI's default run sits below its audit's ceiling: a broken mechanism can be flagged."""
+    import inspect
+
+    from lightning_autodp.safeguards.audit.__main__ import run_digits
+
+    defaults = {k: v.default for k, v in inspect.signature(run_digits).parameters.items()}
+    ceiling = audit_ceiling(defaults["audit_m"], defaults["delta"])
+    assert ceiling > defaults["target_epsilon"]
+    assert defaults["clipping"] == "psac"
+
+
+def test_a_result_below_its_ceiling_says_what_it_would_take():
+    m, ceiling = canaries_needed(5.2, 1e-5)
+    assert m is not None and ceiling > 5.2
+    assert max_certifiable_epsilon(m, 1e-5, 1 - 0.05 / len(guess_choices(m))) == ceiling  # independent path
+    smaller = int(m / 1.1)
+    assert audit_ceiling(smaller, 1e-5) <= 5.2  # m is the first on the grid that can
+    result = audit_scores(np.ones(1000), np.ones(1000, dtype=bool), 1e-5)
+    assert "This audit cannot show a violation of epsilon=5.200: its ceiling 5.00 is below it; " in (
+        result.summary(5.2)
+    )
+    assert f"PrivacyAudit(m={m}) could" in result.summary(5.2)
+    assert "no number of canaries up to 20000 lifts the ceiling above 5.4" in result.summary(7.97)
+    assert "cannot show" not in result.summary(4.0)
