@@ -159,9 +159,8 @@ def audited_run(
     callbacks = (
         [PrivacyBudget(target_epsilon=3.0, delta=1e-5, accountant="rdp"), audit] if budget else [audit]
     )
-    strategy = DPAutoStrategy(
-        noise_multiplier=SIGMA, clipping="psac", run_checks=mutation is None and plant is None
-    )
+    intact = mutation is None and plant is None  # a broken run is audited alone: no verify, no checks
+    strategy = DPAutoStrategy(noise_multiplier=SIGMA, clipping="psac", verify=intact, run_checks=intact)
     if mutation is not None:
         assert monkeypatch is not None
         apply_mutation(monkeypatch, mutation)

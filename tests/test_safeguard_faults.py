@@ -88,8 +88,8 @@ def test_run_time_checks_catch(monkeypatch, fault):
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_the_audit_catches(monkeypatch, fault):
-    """The audit alone (run-time checks off): its canaries are clipped, noised and sampled by the same
-    code as the data, so each fault shows in the canaries."""
+    """The audit alone (verification and run-time checks off): its canaries are clipped, noised and
+    sampled by the same code as the data, so each fault shows in the canaries."""
     audit = audited_run(monkeypatch, mutation=None, plant=lambda: plant(monkeypatch, fault))
     result = audit.result
     assert result is not None
@@ -100,13 +100,16 @@ def test_the_audit_catches(monkeypatch, fault):
         assert result.epsilon_lower_bound > _claimed_epsilon()
 
 
-def test_verification_does_not_see_the_step(monkeypatch):
-    """Verification checks the engine (norms, weighted sums), not the clipping weights, noise or
-    sampling: with clip_weights x10 it passes, and the run-time checks stop the run at step 1."""
+@pytest.mark.parametrize("verify, run_checks", [(True, False), (False, True)])
+def test_verification_and_checks_each_probe_the_clipping_weights(monkeypatch, verify, run_checks):
+    """Beside the engine, verification probes the step's own clip_weights before the first update;
+    with verification off, the first step's checks do, before the noise: nothing is released."""
     plant(monkeypatch, "clip_weights_x10")
-    strategy = DPAutoStrategy(noise_multiplier=1.0, clipping="psac", seed=0)
+    strategy = DPAutoStrategy(
+        noise_multiplier=1.0, clipping="psac", seed=0, verify=verify, run_checks=run_checks
+    )
     x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
-    with pytest.raises(PrivacyCheckError, match="above the clipping bound"):
+    with pytest.raises(PrivacyCheckError, match=CHECK_MESSAGES["clip_weights_x10"]):
         quiet_trainer(strategy=strategy, max_steps=2).fit(Classifier(nn.Linear(16, 3)), loader(x, y, 16))
-    assert not strategy.verification_pending  # verification ran and passed before the check
-    assert strategy.steps == 0  # stopped before the first step's noise: nothing released
+    assert strategy.steps == 0
+    assert strategy.verification_pending is verify  # verification raised before it was done

@@ -41,7 +41,7 @@ from lightning_autodp.mechanism.sampling import (
     poisson_dataloader,
 )
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
-from lightning_autodp.safeguards.checks import RunTimeChecks
+from lightning_autodp.safeguards.checks import RunTimeChecks, check_clipping_bound
 from lightning_autodp.safeguards.verify import (
     DEFAULT_EXAMPLES,
     EngineVerificationError,
@@ -697,6 +697,9 @@ class DPAutoStrategy(DDPStrategy):
                 self.lightning_module, self._engine, args, kwargs,
                 loss_reduction=self.loss_reduction, examples=self.verify_examples, layout=layout,
             )  # fmt: skip
+            # the engine is right; the weights the step gives its examples must bound each one by R
+            assert self._dp_step is not None
+            check_clipping_bound(self._dp_step, self.max_grad_norm)
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks too
             failure = err
         if self.world_size > 1 and _compat.distributed_is_initialized():
