@@ -113,3 +113,16 @@ def test_verification_and_checks_each_probe_the_clipping_weights(monkeypatch, ve
         quiet_trainer(strategy=strategy, max_steps=2).fit(Classifier(nn.Linear(16, 3)), loader(x, y, 16))
     assert strategy.steps == 0
     assert strategy.verification_pending is verify  # verification raised before it was done
+
+
+def test_default_checks_catch_a_sampler_at_one_and_a_quarter_q_at_digits_size(monkeypatch):
+    """At the audit example's size (N = 1437, batch 128, qN = 128) and the default look every 25 steps,
+    a sampler at 1.25 q is stopped at the first look."""
+    plant(monkeypatch, "sampler_at_1.25q")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1437, 64, generator=g), torch.randint(0, 10, (1437,), generator=g)
+    net = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+    strategy = DPAutoStrategy(noise_multiplier=1.0, clipping="psac", seed=0)
+    with pytest.raises(PrivacyCheckError, match=r"the 26 steps so far drew \d+ examples"):
+        quiet_trainer(strategy=strategy, max_steps=60).fit(Classifier(net), loader(x, y, 128))
+    assert strategy.steps == 26
