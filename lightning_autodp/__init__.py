@@ -16,10 +16,11 @@ from lightning_autodp.integration.fsdp import DPFSDPStrategy
 from lightning_autodp.integration.strategy import DPAutoStrategy
 from lightning_autodp.mechanism.accounting import Accountant
 from lightning_autodp.mechanism.clipping import clip_factors
+from lightning_autodp.mechanism.observers import StepContext, StepObserver
 from lightning_autodp.mechanism.sampling import DistributedPoissonBatchSampler, EmptyBatch
 from lightning_autodp.safeguards.audit import PrivacyAudit
 from lightning_autodp.safeguards.batchnorm import BatchNormModeError
-from lightning_autodp.safeguards.checks import PrivacyCheckError
+from lightning_autodp.safeguards.checks import PrivacyCheckError, RunTimeChecks
 from lightning_autodp.safeguards.verify import EngineVerificationError
 
 __version__ = "0.2.0"
@@ -40,5 +41,8 @@ __all__ = [
     "PrivacyAudit",
     "PrivacyBudget",
     "PrivacyCheckError",
+    "RunTimeChecks",
+    "StepContext",
+    "StepObserver",
     "clip_factors",
 ]

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scenarios import split_scenario  # noqa: E402
 
-from lightning_autodp import DPAutoStrategy  # noqa: E402
+from lightning_autodp import DPAutoStrategy, RunTimeChecks  # noqa: E402
 
 
 class Recorder(L.Callback):
@@ -112,7 +112,9 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=3, callbacks=callbacks, **kwargs)
     elif mode == "noise":
-        strategy = DPAutoStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=2.0)
+        # a look of the run-time checks at the third step: a subset of the noise, summed over ranks
+        checks = RunTimeChecks(check_every=2)
+        strategy = DPAutoStrategy(engine=engine, noise_multiplier=1.0, max_grad_norm=2.0, run_checks=checks)
         loader = DataLoader(data(64), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_steps=4, callbacks=callbacks, **kwargs)
     elif mode == "empty":
@@ -171,6 +173,7 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
         "grads": recorder.grads,
         "global_step": trainer.global_step,
+        "looks": [strategy._checks.noise_looks, strategy._checks.sample_looks] if strategy._checks else None,
     }
     if mode in ("budget", "epsilon_log"):
         out["epsilon"] = budget.epsilon

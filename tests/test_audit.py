@@ -23,18 +23,22 @@ import lightning_autodp.integration.report as report_module
 from lightning_autodp import DPAutoStrategy, PrivacyBudget
 from lightning_autodp.integration.report import PrivacyReport
 from lightning_autodp.mechanism.accounting import Accountant
-from lightning_autodp.mechanism.clipping import clip_factors
 from lightning_autodp.mechanism.noise import NoiseSource
+from lightning_autodp.mechanism.observers import StepContext
+from lightning_autodp.mechanism.sampling import DistributedPoissonBatchSampler
+from lightning_autodp.mechanism.step import DPStep
 from lightning_autodp.safeguards.audit import (
     GradientCanaries,
     PrivacyAudit,
+    audit_ceiling,
     audit_scores,
+    canaries_needed,
     epsilon_lower_bound,
     max_certifiable_epsilon,
     p_value,
 )
 from lightning_autodp.safeguards.audit.__main__ import main
-from lightning_autodp.safeguards.audit.bound import guess_choices
+from lightning_autodp.safeguards.audit.bound import SAMPLING_FALSE_ALARM, guess_choices
 from tests.models import Classifier, loader, quiet_trainer
 from tests.reference import reference_factors
 
@@ -144,6 +148,7 @@ def audited_run(
     mutation: str | None = None,
     budget: bool = False,
     extra_callbacks: tuple = (),
+    plant=None,
     **trainer_kwargs,
 ) -> PrivacyAudit:
     L.seed_everything(0, verbose=False)
@@ -154,10 +159,13 @@ def audited_run(
     callbacks = (
         [PrivacyBudget(target_epsilon=3.0, delta=1e-5, accountant="rdp"), audit] if budget else [audit]
     )
-    strategy = DPAutoStrategy(noise_multiplier=SIGMA, run_checks=mutation is None)
+    intact = mutation is None and plant is None  # a broken run is audited alone: no verify, no checks
+    strategy = DPAutoStrategy(noise_multiplier=SIGMA, clipping="psac", verify=intact, run_checks=intact)
     if mutation is not None:
         assert monkeypatch is not None
         apply_mutation(monkeypatch, mutation)
+    if plant is not None:
+        plant()
     trainer = quiet_trainer(
         strategy=strategy, max_epochs=EPOCHS, callbacks=[*callbacks, *extra_callbacks], **trainer_kwargs
     )
@@ -178,7 +186,11 @@ def apply_mutation(monkeypatch: pytest.MonkeyPatch, mutation: str) -> None:
     if mutation == "noise_scaled_down_10x":
         monkeypatch.setattr(NoiseSource, "gaussian", lambda self, std, like: gaussian(self, std / 10, like))
     elif mutation == "clipping_skipped":
-        monkeypatch.setattr(DPAutoStrategy, "clip_factors", lambda self, norms: torch.ones_like(norms))
+        # every example (data and canaries alike) enters the sum unclipped: weight 1 / scale
+        def unclipped(self, engine, scale, check_finite=True):
+            return torch.ones(engine.batch_size, dtype=torch.float32) / scale
+
+        monkeypatch.setattr(DPStep, "clip_weights", unclipped)
     elif mutation == "noise_share_on_every_rank":
         # Each of W ranks adds its own draw with std sigma*R/W, as if the draws were shared and their
         # sum had std sigma*R; independent draws sum to sigma*R/sqrt(W). Simulated in one process:
@@ -222,16 +234,26 @@ def test_broken_mechanism_is_caught(monkeypatch, mutation):
     assert audit.result.epsilon_lower_bound > _claimed_epsilon()
 
 
+def _canary_context(dp_step: DPStep, rank: int = 0, sampler=None, q: float = 0.3) -> StepContext:
+    return StepContext(
+        dp_step=dp_step, params=dp_step.params, sigma=1.0, max_grad_norm=1.0, sample_rate=q,
+        dataset_size=100, sampler=sampler, step=0, fit_step=0, rank=rank, world_size=2,
+    )  # fmt: skip
+
+
 def test_canaries_are_poisson_sampled_and_clipped():
     """Against an independent reference: only included canaries, each sampled with probability q per
-    step, each adding its clipped Dirac gradient C_j * N * sign_j on its own coordinate."""
+    step, each adding its clipped Dirac gradient C_j * N * sign_j on its own coordinate, through the
+    DP step's own clipping; they are not counted as examples of the step."""
     params = [nn.Parameter(torch.zeros(30, 20)), nn.Parameter(torch.zeros(50))]
     q, norm, steps = 0.3, 100.0, 200
     canaries = GradientCanaries(400, params, sample_rate=q, norm=norm, seed=3)
-    summed: dict = {}
+    dp_step = DPStep(params, "psac", max_grad_norm=1.0, gamma=1.0)
     for _ in range(steps):
-        canaries.add_to_sum(summed, params, lambda n: clip_factors(n, "auto_s", 1.0, 0.01), rank=0)
-    canaries.add_to_sum(summed, params, lambda n: 1 / 0, rank=1)  # other ranks add nothing
+        canaries.contribute(_canary_context(dp_step, q=q))
+    canaries.contribute(_canary_context(DPStep(params, "psac", 1.0, 1.0), rank=1))  # other ranks add nothing
+    assert dp_step.examples == 0
+    summed = dp_step.summed
     flat = torch.cat([summed[p].reshape(-1) for p in params]).double()
     starts = [0, params[0].numel()]
     owners = zip(canaries.param_index.tolist(), canaries.offset.tolist())
@@ -242,10 +264,28 @@ def test_canaries_are_poisson_sampled_and_clipped():
     n_in = int(canaries.included.sum())
     mean, sd = q * steps * n_in, math.sqrt(q * (1 - q) * steps * n_in)
     assert abs(int(counts.sum()) - mean) < 5 * sd
-    factor = reference_factors(torch.tensor([norm]), "auto_s", 1.0, 0.01)[0]
+    assert canaries.draws == {q: [steps * n_in, int(counts.sum())]}
+    factor = reference_factors(torch.tensor([norm]), "psac", 1.0, 1.0)[0]
     want = torch.zeros_like(flat)
     want[coord] = factor * norm * canaries.sign * counts.double()
     torch.testing.assert_close(flat, want, rtol=1e-6, atol=1e-9)
+
+
+def test_canaries_are_drawn_by_the_data_sampler():
+    """The canaries' draws are the sampler's inclusion_mask at the sampler's rate: a sampler drawing at
+    1.25q (while q is accounted) shows in the canaries' realised rate, flagged below 1e-6."""
+    params = [nn.Parameter(torch.zeros(2000))]
+    q = 0.1
+    sampler = DistributedPoissonBatchSampler(num_samples=1000, sample_rate=q)
+    for factor, flagged in ((1.0, False), (1.25, True)):
+        canaries = GradientCanaries(1000, params, sample_rate=q, norm=100.0, seed=1)
+        dp_step = DPStep(params, "psac", 1.0, 1.0)
+        sampler.sample_rate = q * factor  # the draw, not the accounted rate, changes
+        for _ in range(100):
+            canaries.contribute(_canary_context(dp_step, sampler=sampler, q=q))
+        p, realised, accounted = canaries.sampling_p_value()
+        assert accounted == q and realised == pytest.approx(q * factor, rel=0.1)
+        assert (p < SAMPLING_FALSE_ALARM) is flagged, p
 
 
 def test_audit_needs_a_delta_and_dp_auto():
@@ -261,3 +301,30 @@ def test_audit_needs_a_delta_and_dp_auto():
         quiet_trainer(strategy="dp_auto", max_epochs=1, callbacks=[PrivacyAudit(m=11, delta=1e-5)]).fit(
             model, loader(x, y, 4)
         )
+
+
+def test_the_cli_defaults_can_show_a_violation():
+    """The CLI's default run sits below its audit's ceiling: a broken mechanism can be flagged."""
+    import inspect
+
+    from lightning_autodp.safeguards.audit.__main__ import run_digits
+
+    defaults = {k: v.default for k, v in inspect.signature(run_digits).parameters.items()}
+    ceiling = audit_ceiling(defaults["audit_m"], defaults["delta"])
+    assert ceiling > defaults["target_epsilon"]
+    assert defaults["clipping"] == "psac"
+
+
+def test_a_result_below_its_ceiling_says_what_it_would_take():
+    m, ceiling = canaries_needed(5.2, 1e-5)
+    assert m is not None and ceiling > 5.2
+    assert max_certifiable_epsilon(m, 1e-5, 1 - 0.05 / len(guess_choices(m))) == ceiling  # independent path
+    smaller = int(m / 1.1)
+    assert audit_ceiling(smaller, 1e-5) <= 5.2  # m is the first on the grid that can
+    result = audit_scores(np.ones(1000), np.ones(1000, dtype=bool), 1e-5)
+    assert "This audit cannot show a violation of epsilon=5.200: its ceiling 5.00 is below it; " in (
+        result.summary(5.2)
+    )
+    assert f"PrivacyAudit(m={m}) could" in result.summary(5.2)
+    assert "no number of canaries up to 20000 lifts the ceiling above 5.4" in result.summary(7.97)
+    assert "cannot show" not in result.summary(4.0)

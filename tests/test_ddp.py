@@ -69,6 +69,12 @@ def test_accumulation_under_ddp_equals_one_process(two_ranks, one_rank):
     assert _rel(rank0["params"], one["params"]) < 1e-5
 
 
+def test_run_time_checks_look_at_a_later_step_on_every_rank(two_ranks):
+    """The noise subset of a look is summed over ranks before it is tested: both ranks pass the look."""
+    for rank in two_ranks[0]["noise"]:
+        assert rank["steps"] == 4 and rank["looks"] == [1, 1]
+
+
 def test_noise_enters_once_across_ranks(two_ranks):
     rank0, rank1 = two_ranks[0]["noise"]
     sigma, max_grad_norm = 1.0, 2.0

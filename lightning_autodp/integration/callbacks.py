@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -350,9 +351,12 @@ class PrivacyBudget(Callback):
         steps = max(planned, 1)
         start = None
         if self.accountant != "rdp":
-            # RDP is cheap and a little looser: its sigma is a close, feasible first guess.
-            rdp = Accountant("rdp", self.delta)
-            start = rdp.calibrate_noise_multiplier(self.segments, q, steps, self.target_epsilon)
+            # RDP is cheap and a little looser: its sigma is a close, feasible first guess. Below
+            # RDP's floor (about 0.1 at delta=1e-5) PRV still certifies: it then searches alone.
+            with contextlib.suppress(ValueError):
+                start = Accountant("rdp", self.delta).calibrate_noise_multiplier(
+                    self.segments, q, steps, self.target_epsilon
+                )
         try:
             sigma = self._accountant.calibrate_noise_multiplier(
                 self.segments, q, steps, self.target_epsilon, start=start

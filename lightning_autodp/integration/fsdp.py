@@ -240,7 +240,7 @@ class DPFSDPStrategy(DPAutoStrategy):
 
     @override
     def on_train_start(self) -> None:
-        if self.canaries is not None:
+        if any(not observer.supports_sharded for observer in self.observers):
             raise ValueError(
                 "PrivacyAudit is not supported under dp_fsdp yet (its canaries are full-size gradients). "
                 "Audit the same model and settings under strategy='dp_auto'."

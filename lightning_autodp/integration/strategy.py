@@ -10,7 +10,7 @@ import atexit
 import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -34,15 +34,20 @@ from lightning_autodp.integration import _compat, summary
 from lightning_autodp.mechanism.clipping import (
     DEFAULT_CLIPPING,
     ClippingMode,
-    clip_factors,
     resolve_gamma,
     validate_clipping,
 )
 from lightning_autodp.mechanism.noise import NoiseSource
-from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
+from lightning_autodp.mechanism.observers import StepContext, StepObserver
+from lightning_autodp.mechanism.sampling import (
+    DistributedPoissonBatchSampler,
+    EmptyBatch,
+    check_poisson_compatible,
+    poisson_dataloader,
+)
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep, PrivacyLedger
 from lightning_autodp.safeguards.batchnorm import BatchNormGuard, refuse_unsupported_batch_norms
-from lightning_autodp.safeguards.checks import FirstStepChecks
+from lightning_autodp.safeguards.checks import RunTimeChecks, check_clipping_bound
 from lightning_autodp.safeguards.verify import (
     DEFAULT_EXAMPLES,
     EngineVerificationError,
@@ -125,8 +130,13 @@ class DPAutoStrategy(DDPStrategy):
             (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
-        run_checks: check the first optimizer step of every fit against silent privacy failures
-            (see :mod:`lightning_autodp.safeguards.checks`); on by default, negligible cost.
+        run_checks: check the first optimizer step of every fit in full, and every 25th step after
+            it, against silent privacy failures (see :mod:`lightning_autodp.safeguards.checks`); on by
+            default, under 2% of a step. A :class:`~lightning_autodp.RunTimeChecks` instance sets how
+            often and how many noise coordinates (``RunTimeChecks(check_every=10)``).
+        observers: :class:`~lightning_autodp.mechanism.observers.StepObserver` objects called at
+            fixed points of every DP step (checks, audit canaries, your own); more can be added with
+            :meth:`add_observer`.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as for
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -200,7 +210,8 @@ class DPAutoStrategy(DDPStrategy):
         verify: bool = True,  # verify
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
-        run_checks: bool = True,
+        run_checks: bool | RunTimeChecks = True,
+        observers: Sequence[StepObserver] = (),
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -266,12 +277,13 @@ class DPAutoStrategy(DDPStrategy):
         self._fitting = False
         self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
         self._poisson_loader: Any = None
-        # --- audit/checks extension points (safeguards.audit, safeguards.checks) ---
+        self._step_context: StepContext | None = None
+        self._param_names: dict[nn.Parameter, str] = {}
         self.run_checks = run_checks
-        self._checks: FirstStepChecks | None = None
-        #: set by lightning_autodp.safeguards.audit.PrivacyAudit: virtual examples added to the clipped sum
-        self.canaries: Any = None
-        # --- end audit/checks ---
+        self._checks: RunTimeChecks | None = None
+        self._observers: list[StepObserver] = []
+        for observer in observers:
+            self.add_observer(observer)
 
     # ------------------------------------------------------------------ registry and launch
 
@@ -347,6 +359,32 @@ class DPAutoStrategy(DDPStrategy):
         self._verify_pending = bool(pending)
 
     @property
+    def observers(self) -> list[StepObserver]:
+        """The step observers called at every DP step: those registered, then the run-time checks."""
+        return [*self._observers, *([self._checks] if self._checks is not None else [])]
+
+    def add_observer(self, observer: StepObserver) -> None:
+        """Register a :class:`~lightning_autodp.mechanism.observers.StepObserver` for every following step."""
+        if not isinstance(observer, StepObserver):
+            raise TypeError(
+                f"add_observer takes a lightning_autodp.StepObserver, got {type(observer).__name__}. "
+                "Subclass StepObserver and override the hooks you need."
+            )
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer: StepObserver) -> None:
+        """Stop calling ``observer`` (no error if it was not registered)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    @property
+    def poisson_sampler(self) -> DistributedPoissonBatchSampler | None:
+        """The Poisson batch sampler drawing the data (None before setup, or without Poisson sampling)."""
+        loader = self._poisson_loader
+        return loader.batch_sampler if loader is not None else None
+
+    @property
     def seed(self) -> int | None:
         """The seed of the noise and sampling streams of this fit (None in secure mode / before fit)."""
         return self._seed
@@ -398,17 +436,27 @@ class DPAutoStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         _validate_layers(module)
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"{type(module).__name__} has no trainable parameter (every parameter has "
+                "requires_grad=False): dp_auto has nothing to train privately. Unfreeze the parameters to "
+                "train (p.requires_grad_(True), e.g. a head or adapters) before Trainer.fit."
+            )
         self.prepare_module(module)
         self._engine = make_engine(self.engine, module)
         self._batch_norms = BatchNormGuard(module)
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         names = {id(p): n for n, p in module.named_parameters()}
+        self._param_names = {p: n for n, p in module.named_parameters()}
         self._dp_step = self.dp_step_class(
             self._engine.params, self.clipping, self.max_grad_norm, self.gamma, names=names,
             bucket_mb=self.bucket_cap_mb,
         )  # fmt: skip
         self._noise = NoiseSource(seed=self._seed or 0, rank=self.global_rank, secure_mode=self.secure_mode)
-        self._checks = FirstStepChecks(self) if self.run_checks else None  # audit/checks
+        if isinstance(self.run_checks, RunTimeChecks):
+            self._checks = self.run_checks
+        else:
+            self._checks = RunTimeChecks(seed=self._seed or 0) if self.run_checks else None
         return model
 
     def prepare_module(self, module: pl.LightningModule) -> None:
@@ -510,6 +558,7 @@ class DPAutoStrategy(DDPStrategy):
         self.dataset_size = len(loader.dataset)  # type: ignore[arg-type]
         expected = loader.batch_size * micro_batches * self.world_size  # type: ignore[operator]
         self._sample_rate = min(1.0, expected / self.dataset_size)
+        _warn_if_no_amplification(expected, self.dataset_size)
         self._poisson_loader = poisson_dataloader(
             loader,
             sample_rate=self._sample_rate,
@@ -529,7 +578,9 @@ class DPAutoStrategy(DDPStrategy):
         except TypeError:
             self.dataset_size = None
         if self.dataset_size and batch_size:
-            self._sample_rate = min(1.0, batch_size * micro_batches * self.world_size / self.dataset_size)
+            expected = batch_size * micro_batches * self.world_size
+            self._sample_rate = min(1.0, expected / self.dataset_size)
+            _warn_if_no_amplification(expected, self.dataset_size)
 
     @override
     def on_train_start(self) -> None:
@@ -674,6 +725,9 @@ class DPAutoStrategy(DDPStrategy):
                 self.lightning_module, self._engine, args, kwargs,
                 loss_reduction=self.loss_reduction, examples=self.verify_examples, layout=layout,
             )  # fmt: skip
+            # the engine is right; the weights the step gives its examples must bound each one by R
+            assert self._dp_step is not None
+            check_clipping_bound(self._dp_step, self.max_grad_norm)
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks too
             failure = err
         if self.world_size > 1 and _compat.distributed_is_initialized():
@@ -745,10 +799,6 @@ class DPAutoStrategy(DDPStrategy):
             scale *= float(_compat.grad_scaler(self.precision_plugin).get_scale())
         return scale
 
-    def clip_factors(self, norms: Tensor) -> Tensor:
-        """The configured clipping factors ``C_i`` for per-example norms (examples and audit canaries)."""
-        return clip_factors(norms, self.clipping, self.max_grad_norm, self.gamma)
-
     # ------------------------------------------------------------------ the optimizer step
 
     @override
@@ -767,8 +817,10 @@ class DPAutoStrategy(DDPStrategy):
             return result
 
         result = super().optimizer_step(optimizer, private_closure, model, **kwargs)
-        if self._checks is not None:  # audit/checks
-            self._checks.after_step(optimizer)
+        if self._step_context is not None:
+            for observer in self.observers:
+                observer.after_step(self._step_context, optimizer)
+            self._step_context = None
         return result
 
     def _privatize_gradients(self) -> None:
@@ -784,14 +836,18 @@ class DPAutoStrategy(DDPStrategy):
                 "dp_auto has no noise_multiplier at the first optimizer step; the PrivacyBudget callback "
                 "should have calibrated it in on_train_start."
             )
-        params = dp_step.params
-        if self.canaries is not None:  # audit/checks: virtual examples through the same clipping
-            self.canaries.add_to_sum(dp_step.summed, params, self.clip_factors, self.global_rank)
-        if self._checks is not None:  # audit/checks
-            self._checks.before_noise(dp_step.summed, params, reduced=dp_step.sums_are_reduced)
-        noise.start_step(self.ledger.steps)
         distributed = self.world_size > 1 and _compat.distributed_is_initialized()
         scaler = _compat.grad_scaler(self.precision_plugin)
+        ctx = self._step_context = self._make_step_context(sigma, distributed, scaler)
+        observers = self.observers
+        if ctx.fit_step == 0:
+            for observer in observers:
+                observer.on_fit_start(ctx)
+        for observer in observers:  # virtual examples (canaries) join the sum through dp_step's clipping
+            observer.contribute(ctx)
+        for observer in observers:
+            observer.before_noise(ctx)
+        noise.start_step(self.ledger.steps)
         divisor, examples = dp_step.privatize(
             sigma=sigma,
             q=self._sample_rate,
@@ -803,8 +859,33 @@ class DPAutoStrategy(DDPStrategy):
             bucket_mb=self.bucket_cap_mb,
             grad_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
         )
-        if self._checks is not None:  # audit/checks
-            self._checks.after_privatize(params, divisor, examples)
+        for observer in observers:
+            observer.on_batch_sampled(ctx, int(round(examples)))
+        for observer in observers:
+            observer.after_privatize(ctx, divisor, examples)
+
+    def _make_step_context(self, sigma: float, distributed: bool, scaler: Any) -> StepContext:
+        """What the step observers may read about the step about to be privatized."""
+        assert self._dp_step is not None
+        fit_start = self._steps_at_fit_start or 0
+        return StepContext(
+            dp_step=self._dp_step,
+            params=self._dp_step.params,
+            sigma=sigma,
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=self._sample_rate,
+            dataset_size=self.dataset_size,
+            sampler=self.poisson_sampler if self.poisson_sampling else None,
+            step=self.ledger.steps,
+            fit_step=self.ledger.steps - fit_start,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            reduce=_all_reduce_sum if distributed else None,
+            ledger=self.ledger,
+            grad_scaler=scaler,
+            optimizers=self.optimizers,
+            names=self._param_names,
+        )
 
     # ------------------------------------------------------------------ teardown
 
@@ -875,6 +956,18 @@ def _refuse_ddp_wrapper_arguments(kwargs: dict[str, Any]) -> None:
             "model in torch's DistributedDataParallel (it all-reduces the clipped, noised sums itself), "
             "so DistributedDataParallel arguments and DDP communication hooks would have no effect. "
             "Remove them; the all-reduce's bucket size is DPAutoStrategy(bucket_cap_mb=...)."
+        )
+
+
+def _warn_if_no_amplification(expected_batch: int, dataset_size: int) -> None:
+    """q is clamped to 1 when the logical batch is not smaller than the dataset: say what that costs."""
+    if expected_batch >= dataset_size:
+        rank_zero_warn(
+            f"dp_auto: the logical batch (batch_size * accumulate_grad_batches * devices = {expected_batch}) "
+            f"is not smaller than the training set (N = {dataset_size}), so q = 1: every example enters "
+            "every step, there is no amplification by sampling, and each step spends the privacy of the "
+            "full Gaussian mechanism. Use a batch_size well below N (q = batch / N of 0.01 or less is usual) "
+            "or more training data."
         )
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
@@ -122,11 +123,13 @@ class Accountant:
         start = time.perf_counter()
         accountant = ACCOUNTANTS[self.name]()
         accountant.history = list(key)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
             # RDP warns when the optimal order is at the edge of its default grid; the value
-            # is still an upper bound, and the warning would repeat every epoch.
+            # is still an upper bound, and the warning would repeat every epoch. PRV takes
+            # log(1 - q) = -inf at q = 1 (no subsampling) and handles it: not worth a warning.
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            value = float(accountant.get_epsilon(delta=self.delta))
+            # A negative value means delta alone covers every outcome: the mechanism is (0, delta)-DP.
+            value = max(float(accountant.get_epsilon(delta=self.delta)), 0.0)
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return value
@@ -216,7 +219,8 @@ class Accountant:
         aim = math.log((1.0 - 0.5 * rtol) * target_epsilon)
 
         def f(log_sigma: float) -> float:
-            return math.log(self.epsilon([*done, (math.exp(log_sigma), q, steps)])) - aim
+            eps = self.epsilon([*done, (math.exp(log_sigma), q, steps)])
+            return math.log(max(eps, 1e-300)) - aim  # epsilon 0 (a large delta): feasible
 
         def feasible(value: float) -> bool:
             return value <= math.log(target_epsilon) - aim
@@ -237,7 +241,11 @@ class Accountant:
             hi, f_hi = lo + step, f(lo + step)
             while not feasible(f_hi):
                 if hi > math.log(1e6):
-                    raise ValueError(f"No noise_multiplier below 1e6 reaches epsilon={target_epsilon}.")
+                    floor = self.epsilon([*done, (math.exp(hi), q, steps)])
+                    raise ValueError(
+                        f"No noise_multiplier below 1e6 reaches epsilon={target_epsilon}: the {self.name} "
+                        f"accountant reports {floor:.3g} at delta={self.delta:g} even with sigma=1e6."
+                    )
                 lo, f_lo, step = hi, f_hi, 2 * step
                 hi, f_hi = lo + step, f(lo + step)
         w_lo, w_hi, side = f_lo, f_hi, 0  # secant weights; Illinois halves a stale one

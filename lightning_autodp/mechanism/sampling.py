@@ -115,12 +115,17 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         """Called by Lightning before each epoch; the epoch selects the generator stream."""
         self.epoch = epoch
 
-    def _inclusion_mask(self, generator: torch.Generator | None) -> Tensor:
-        """Which examples of the shard enter the next step: ``u_j < q`` (seeded) or ``u_j <= q``
-        (secure, ``u_j`` in (0, 1]); each with probability ``q``, independently."""
+    def inclusion_mask(self, generator: torch.Generator | None, size: int | None = None) -> Tensor:
+        """Which of ``size`` candidates (default: this rank's shard) enter the next step.
+
+        ``u_j < q`` (seeded) or ``u_j <= q`` (secure, ``u_j`` in (0, 1]): each with probability
+        ``q``, independently. The data's samples and the audit's canaries are both drawn here, so
+        a sampler that does not draw at its rate is seen by the audit too.
+        """
+        size = len(self._shard) if size is None else size
         if generator is None:
-            return secure_uniform(len(self._shard)) <= self.sample_rate
-        return torch.rand(len(self._shard), generator=generator) < self.sample_rate
+            return secure_uniform(size) <= self.sample_rate
+        return torch.rand(size, generator=generator) < self.sample_rate
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.micro_batches
@@ -132,7 +137,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         skip, self._resume_from = self._resume_from, 0
         self._batches_yielded = 0
         for _ in range(self.steps_per_epoch):
-            logical_batch = self._shard[self._inclusion_mask(generator)]
+            logical_batch = self._shard[self.inclusion_mask(generator)]
             for micro_batch in torch.tensor_split(logical_batch, self.micro_batches):
                 self._batches_yielded += 1
                 if self._batches_yielded <= skip:

@@ -228,6 +228,19 @@ class DPStep:
         for p in self.params:
             p.grad = None
 
+    @torch.no_grad()
+    def add_virtual_examples(self, engine: PerSampleEngine) -> None:
+        r"""Clip virtual examples (audit canaries) by the code that clips the data, and add them to the sum.
+
+        ``engine`` gives their gradients directly (raw = true gradients, :math:`s = 1`), e.g. a
+        :class:`~lightning_autodp.mechanism.observers.VirtualExamples`. They go through
+        :meth:`clip_and_accumulate` like a micro-batch of data, so a fault in the clipping shows in
+        them too; they are not counted among the step's examples.
+        """
+        examples = self.examples
+        self.clip_and_accumulate(engine, scale=1.0)
+        self.examples = examples
+
     def clip_weights(self, engine: PerSampleEngine, scale: float, check_finite: bool = True) -> Tensor:
         r"""The weights :math:`C_i / s` of the captured micro-batch's raw per-example gradients."""
         norms = engine.per_sample_squared_norms().sqrt() / scale

@@ -12,7 +12,9 @@ See ``docs/concepts/auditing.md`` for what the bound proves and what it does not
 
 from lightning_autodp.safeguards.audit.bound import (
     AuditResult,
+    audit_ceiling,
     audit_scores,
+    canaries_needed,
     epsilon_lower_bound,
     max_certifiable_epsilon,
     p_value,
@@ -21,6 +23,8 @@ from lightning_autodp.safeguards.audit.canaries import GradientCanaries, Privacy
 
 __all__ = [
     "AuditResult",
+    "audit_ceiling",
+    "canaries_needed",
     "GradientCanaries",
     "PrivacyAudit",
     "audit_scores",

@@ -27,6 +27,7 @@ Choosing how many guesses to make after seeing the scores is a multiple comparis
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from scipy import stats
 #: fractions of m guessed (two-sided: half "in" from the top scores, half "out" from the bottom;
 #: one-sided: all "in" from the top). Fixed before seeing any score.
 GUESS_FRACTIONS: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+#: significance at which the canaries' realised sampling rate is called not the accounted one
+SAMPLING_FALSE_ALARM = 1e-6
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -83,6 +86,30 @@ def max_certifiable_epsilon(m: int, delta: float, confidence: float = 0.95) -> f
     return epsilon_lower_bound(m, m, m, delta, confidence)
 
 
+def audit_ceiling(m: int, delta: float, confidence: float = 0.95) -> float:
+    """The ceiling :func:`max_certifiable_epsilon` at the Bonferroni level of :func:`audit_scores`."""
+    return max_certifiable_epsilon(m, delta, 1.0 - (1.0 - confidence) / len(guess_choices(m)))
+
+
+@functools.cache
+def canaries_needed(epsilon: float, delta: float, confidence: float = 0.95) -> tuple[int | None, float]:
+    r"""The fewest canaries whose audit can show a bound above ``epsilon``, and the best ceiling seen.
+
+    The ceiling grows with :math:`m` like :math:`\log m` until the :math:`2m\delta` term of the
+    p-value takes over (at :math:`\delta = 10^{-5}` it peaks near 5.4, around :math:`m = 2000`), so
+    beyond some epsilon no number of canaries can show a violation. Scans :math:`m` from 50 to
+    20000 in steps of 10%. Returns ``(m, ceiling at m)``, or ``(None, best ceiling)``.
+    """
+    m, best = 50, 0.0
+    while m <= 20_000:
+        ceiling = audit_ceiling(m, delta, confidence)
+        if ceiling > epsilon:
+            return m, ceiling
+        best = max(best, ceiling)
+        m = max(m + 1, int(m * 1.1))
+    return None, best
+
+
 @dataclass(frozen=True)
 class AuditResult:
     """What one audit found.
@@ -99,6 +126,10 @@ class AuditResult:
         max_certifiable: the largest bound this audit can give with ``m`` canaries (all ``m``
             guessed right, at the Bonferroni-corrected level): the audit's power ceiling.
         choices: how many ``(k_in, k_out)`` choices were tried (Bonferroni factor).
+        sampling_p_value: two-sided p-value of the canaries' draws by the data sampler at the
+            accounted rate (None if not tested); below :data:`SAMPLING_FALSE_ALARM` the sampler is
+            not drawing at the accounted ``q`` (:attr:`sampling_violated`).
+        sampled_rate, accounted_rate: the canaries' realised inclusion rate and the accounted ``q``.
     """
 
     epsilon_lower_bound: float
@@ -112,17 +143,51 @@ class AuditResult:
     k_out: int
     max_certifiable: float
     choices: int
+    sampling_p_value: float | None = None
+    sampled_rate: float | None = None
+    accounted_rate: float | None = None
+
+    @property
+    def sampling_violated(self) -> bool:
+        """The canaries, drawn by the data's sampler, came in at a rate implausible under the accounted q."""
+        return self.sampling_p_value is not None and self.sampling_p_value < SAMPLING_FALSE_ALARM
+
+    def can_show_violation(self, accounted_epsilon: float) -> bool:
+        """Whether this audit's ceiling lies above ``accounted_epsilon`` (else no bound can exceed it)."""
+        return self.max_certifiable > accounted_epsilon
 
     def summary(self, accounted_epsilon: float | None = None) -> str:
         text = (
             f"audit: epsilon >= {self.epsilon_lower_bound:.3f} at {self.confidence:.0%} confidence "
             f"(delta={self.delta:g}; {self.correct}/{self.guesses} guesses right on m={self.m} canaries; "
-            f"the most m={self.m} canaries can show is {self.max_certifiable:.2f})"
+            f"ceiling: the most m={self.m} canaries can show is {self.max_certifiable:.2f})"
         )
+        if self.sampling_p_value is not None:
+            text += (
+                f"; sampler: canaries drawn at rate {self.sampled_rate:.4g} against the accounted "
+                f"q={self.accounted_rate:.4g} (p={self.sampling_p_value:.2g}"
+                + (", VIOLATED)" if self.sampling_violated else ", consistent)")
+            )
         if accounted_epsilon is not None:
-            verdict = "VIOLATED" if self.epsilon_lower_bound > accounted_epsilon else "consistent"
-            text += f"; accounted epsilon {accounted_epsilon:.3f}: {verdict}"
+            violated = self.epsilon_lower_bound > accounted_epsilon or self.sampling_violated
+            text += f"; accounted epsilon {accounted_epsilon:.3f}: {'VIOLATED' if violated else 'consistent'}"
+            if not self.can_show_violation(accounted_epsilon):
+                text += ". " + self.ceiling_note(accounted_epsilon)
         return text
+
+    def ceiling_note(self, accounted_epsilon: float) -> str:
+        """What it would take for the epsilon bound to be able to exceed ``accounted_epsilon``."""
+        m, best = canaries_needed(accounted_epsilon, self.delta, self.confidence)
+        head = (
+            f"This audit cannot show a violation of epsilon={accounted_epsilon:.3f}: its ceiling "
+            f"{self.max_certifiable:.2f} is below it"
+        )
+        if m is not None:
+            return f"{head}; PrivacyAudit(m={m}) could (ceiling {best:.2f})."
+        return (
+            f"{head}, and no number of canaries up to 20000 lifts the ceiling above {best:.2f} at "
+            f"delta={self.delta:g}: audit at a lower target epsilon or a larger delta."
+        )
 
 
 def guess_choices(m: int, fractions: Sequence[float] = GUESS_FRACTIONS) -> list[tuple[int, int]]:

@@ -4,10 +4,13 @@ Each canary :math:`j` is a virtual training example whose gradient is a Dirac
 :math:`g_j = \pm N e_{c_j}` on one coordinate :math:`c_j` of the trainable parameters (distinct
 coordinates, random signs), with :math:`N` = ``norm_multiple`` times the clipping bound :math:`R`.
 Each canary is included in the run with probability 1/2 (the auditor's secret). An included canary
-is then Poisson-sampled like a real example, with the strategy's rate :math:`q`, at every
-optimizer step; when sampled, its gradient goes through the strategy's own clipping
-(:meth:`~lightning_autodp.DPAutoStrategy.clip_factors`) and into the clipped sum before the noise
-(and, under DDP, before the all-reduce: rank 0 holds the canaries as one more example of its shard).
+is then Poisson-sampled like a real example, by the data's own sampler (its rate and its
+``inclusion_mask``), at every optimizer step; when sampled, its gradient goes through the step's own
+clipping (:meth:`~lightning_autodp.mechanism.step.DPStep.add_virtual_examples`, the
+``clip_and_accumulate`` of the data) and into the clipped sum before the noise (and, under DDP, before
+the all-reduce: rank 0 holds the canaries as one more example of its shard). At the end the number
+of canary draws that came in is tested against the accounted :math:`q`: a sampler that does not draw
+at its rate is flagged even where the epsilon bound has no power.
 
 Score: :math:`s_j = \mp (\theta_T - \theta_0)_{c_j}`, the total move of the canary's coordinate in
 the direction its gradient pushes (SGD steps against the gradient). Under DDP the final
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,19 +41,30 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_autodp.safeguards.audit.bound import AuditResult, audit_scores
+from lightning_autodp.mechanism.observers import StepContext, StepObserver, VirtualExamples
+from lightning_autodp.safeguards.audit.bound import SAMPLING_FALSE_ALARM, AuditResult, audit_scores
+from lightning_autodp.safeguards.checks import binomial_p_value
 
 
-class GradientCanaries:
-    """``m`` Dirac gradient canaries on coordinates of ``params``.
+class GradientCanaries(StepObserver):
+    """``m`` Dirac gradient canaries on coordinates of ``params``, a step observer of the strategy.
 
     Args:
         m: number of canaries (at most the number of trainable coordinates).
         params: the trainable parameters, in the strategy's order.
-        sample_rate: :math:`q`, the Poisson rate of the real examples.
+        sample_rate: :math:`q`, the Poisson rate of the real examples (used only when the strategy
+            has no Poisson sampler; otherwise the sampler's own rate and draw are used).
         norm: :math:`N`, the norm of each canary's gradient before clipping.
         seed: seeds the choice of coordinates, signs, inclusion and per-step sampling.
+
+    At every step, on rank 0: the canaries are drawn by the data's Poisson sampler
+    (:meth:`~lightning_autodp.DistributedPoissonBatchSampler.inclusion_mask`, with the canaries'
+    own generator), and the drawn included ones are clipped and added to the sum by the step's own
+    :meth:`~lightning_autodp.mechanism.step.DPStep.add_virtual_examples`: the code that samples and
+    clips the data samples and clips the canaries.
     """
+
+    supports_sharded = False
 
     def __init__(
         self, m: int, params: list[nn.Parameter], sample_rate: float, norm: float, seed: int
@@ -73,7 +87,10 @@ class GradientCanaries:
         self.sign = torch.randint(0, 2, (m,), generator=self._generator).double() * 2 - 1
         self.included = torch.rand(m, generator=self._generator) < 0.5
         self.sampled_count = torch.zeros(m, dtype=torch.long)
+        #: per accounted rate q: [draws of included canaries, how many were drawn in]
+        self.draws: dict[float, list[int]] = {}
         self.initial = self._coordinates()
+        self._virtual = VirtualExamples(self.params)
 
     def _coordinates(self) -> Tensor:
         """The canaries' coordinates of the current parameters, float64 on the CPU."""
@@ -84,43 +101,53 @@ class GradientCanaries:
                 out[mask] = p.detach().reshape(-1)[self.offset[mask].to(p.device)].double().cpu()
         return out
 
-    def add_to_sum(
-        self,
-        summed: dict[nn.Parameter, Tensor],
-        params: list[nn.Parameter],
-        clip_factors: Callable[[Tensor], Tensor],
-        rank: int,
-    ) -> None:
-        r"""Add :math:`\sum_j C_j g_j` of this step's sampled canaries into ``summed`` (rank 0 only).
+    def _draw(self, ctx: StepContext) -> Tensor:
+        """Which canaries the data's sampler lets into this step (drawn for all ``m``)."""
+        if ctx.sampler is not None:
+            return ctx.sampler.inclusion_mask(self._generator, self.m)
+        rate = ctx.sample_rate if ctx.sample_rate is not None else self.sample_rate
+        return torch.rand(self.m, generator=self._generator) < rate
 
-        Called by the strategy once per optimizer step, after the real examples' clipped sum is
-        complete and before the noise.
+    def contribute(self, ctx: StepContext) -> None:
+        r"""Add :math:`\sum_j C_j g_j` of this step's drawn canaries to the step's sum (rank 0 only).
+
+        Called once per optimizer step, after the real examples' clipped sum is complete and
+        before the noise.
         """
-        if rank != 0:
+        if ctx.rank != 0:
             return
-        if [id(p) for p in params] != [id(p) for p in self.params]:
+        if [id(p) for p in ctx.params] != [id(p) for p in self.params]:
             raise RuntimeError(
                 "PrivacyAudit: the strategy's trainable parameters changed since the audit started."
             )
-        sampled = self.included & (torch.rand(self.m, generator=self._generator) < self.sample_rate)
+        sampled = self.included & self._draw(ctx)
+        rate = float(ctx.sample_rate if ctx.sample_rate is not None else self.sample_rate)
+        counts = self.draws.setdefault(rate, [0, 0])
+        counts[0] += int(self.included.sum())
+        counts[1] += int(sampled.sum())
         if not sampled.any():
             return
         self.sampled_count += sampled.long()
         idx = sampled.nonzero().squeeze(1)
-        device = params[0].device
-        norms = torch.full((len(idx),), self.norm, dtype=torch.float32, device=device)
-        # the one non-zero entry of C_j g_j
-        values = clip_factors(norms).double() * self.norm * self.sign[idx].to(device)
-        for i, p in enumerate(self.params):
-            mask = self.param_index[idx] == i
-            if not mask.any():
-                continue
-            target = summed.get(p)
-            if target is None or not target.is_contiguous():
-                base = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-                target = summed[p] = base if target is None else target.contiguous()
-            flat = target.view(-1)
-            flat.index_add_(0, self.offset[idx][mask].to(device), values[mask.to(device)].to(flat.dtype))
+        values = self.norm * self.sign[idx]  # g_j = value_j e_{c_j}
+        ctx.dp_step.add_virtual_examples(self._virtual.load(self.param_index[idx], self.offset[idx], values))
+
+    def sampling_p_value(self) -> tuple[float | None, float | None, float | None]:
+        r"""``(p, realised, accounted)``: how plausible the canaries' draws are at the accounted rate.
+
+        Each included canary was drawn at every step by the data's sampler; under the accounted
+        rate :math:`q` the number drawn in is :math:`\mathrm{Binomial}(\text{draws}, q)`. ``p`` is the
+        two-sided p-value (Bonferroni over the rates of the run), ``realised`` the drawn share and
+        ``accounted`` the draw-weighted accounted rate; all None before any draw. Rank 0's numbers.
+        """
+        used = {q: c for q, c in self.draws.items() if c[0] > 0}
+        if not used:
+            return None, None, None
+        p = min(binomial_p_value(drawn, trials, q) for q, (trials, drawn) in used.items()) * len(used)
+        trials = sum(c[0] for c in used.values())
+        realised = sum(c[1] for c in used.values()) / trials
+        accounted = sum(q * c[0] for q, c in used.items()) / trials
+        return min(p, 1.0), realised, accounted
 
     def scores(self) -> np.ndarray:
         r"""``s_j = -sign_j (theta_T - theta_0)[c_j]``, the final coordinates averaged over ranks."""
@@ -225,17 +252,19 @@ class PrivacyAudit(Callback):
             self.norm_multiple * strategy.max_grad_norm,
             _audit_seed(seed),
         )
-        strategy.canaries = self.canaries
+        strategy.add_observer(self.canaries)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.canaries is None:
             return
-        trainer.strategy.canaries = None
+        trainer.strategy.remove_observer(self.canaries)
         budget = _find_budget(trainer)
         delta = self.delta if self.delta is not None else float(budget.delta)  # type: ignore[union-attr]
         scores = self.canaries.scores()  # a collective under DDP: every rank calls it
-        self.result = audit_scores(scores, self.canaries.included.numpy(), delta, self.confidence)
+        result = audit_scores(scores, self.canaries.included.numpy(), delta, self.confidence)
+        p, realised, accounted = self.canaries.sampling_p_value()
+        self.result = replace(result, sampling_p_value=p, sampled_rate=realised, accounted_rate=accounted)
         self.accounted_epsilon = float(budget.epsilon) if budget is not None else None
         for logger in trainer.loggers:
             logger.log_metrics(
@@ -248,11 +277,18 @@ class PrivacyAudit(Callback):
                 f"accounted epsilon {self.accounted_epsilon:.3f} (at {self.confidence:.0%} confidence): this "
                 "run is not as private as reported. Check the clipping, the noise and the sampling."
             )
+        if self.result.sampling_violated:
+            rank_zero_warn(
+                f"PrivacyAudit: the data's Poisson sampler drew the canaries at rate "
+                f"{self.result.sampled_rate:.4g}, not at the accounted q = {self.result.accounted_rate:.4g} "
+                f"(two-sided p-value {self.result.sampling_p_value:.2g} < {SAMPLING_FALSE_ALARM:g}): the "
+                "accounted epsilon does not hold for this sampling. Check the sampler."
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(trainer.strategy, "canaries", None) is self.canaries:
-            trainer.strategy.canaries = None
+        if self.canaries is not None and hasattr(trainer.strategy, "remove_observer"):
+            trainer.strategy.remove_observer(self.canaries)
 
     @override
     def state_dict(self) -> dict[str, Any]:
