@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
-from lightning_autodp.integration import _compat, summary
+from lightning_autodp.integration import _compat, physical, summary
 from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
@@ -118,6 +118,10 @@ class DPAutoStrategy(DDPStrategy):
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
         run_checks: check the first optimizer step of every fit against silent privacy failures
             (see :mod:`lightning_autodp.safeguards.checks`); on by default, negligible cost.
+        max_physical_batch_size: the most examples run through forward and backward at once. A
+            larger micro-batch (Poisson batches have no upper bound) is cut into pieces of at most
+            this size inside the same optimizer step: same update, same accounting, memory of one
+            piece (see :mod:`lightning_autodp.integration.physical`). ``None`` (default): no cap.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as for
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -192,6 +196,7 @@ class DPAutoStrategy(DDPStrategy):
         verify_examples: int = DEFAULT_EXAMPLES,  # verify
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
         run_checks: bool = True,
+        max_physical_batch_size: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -242,6 +247,8 @@ class DPAutoStrategy(DDPStrategy):
         self.verify, self.verify_examples, self._verify_pending = verify, verify_examples, False
         # -- end verify
         self.bucket_cap_mb = float(bucket_cap_mb)
+        physical.check_max_physical_batch_size(max_physical_batch_size)
+        self.max_physical_batch_size = max_physical_batch_size
         #: what the mechanism ran: ``(sigma, q)`` of every optimizer step (see :class:`PrivacyLedger`)
         self.ledger = PrivacyLedger()
         self.dataset_size: int | None = None
@@ -609,6 +616,8 @@ class DPAutoStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Run the user's step with per-sample capture on; an empty Poisson batch runs no user code."""
         self._close_capture()
+        if self.max_physical_batch_size is not None:  # the leading pieces train here, the last below
+            args, kwargs = physical.run_leading_physical_batches(self, args, kwargs)
         batch = args[0] if args else kwargs.get("batch")
         empty = isinstance(batch, EmptyBatch)
         # -- verify (safeguards.verify): engine vs a per-example loop, before the first update
