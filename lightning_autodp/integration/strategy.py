@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
-from lightning_autodp.integration import _compat, physical, summary
+from lightning_autodp.integration import _compat, compiled, physical, summary
 from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
@@ -397,6 +397,7 @@ class DPAutoStrategy(DDPStrategy):
         _validate_layers(module)
         self.prepare_module(module)
         self._engine = make_engine(self.engine, module)
+        compiled.check_compiled_module(module, self._engine)  # before training, not mid-step
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         names = {id(p): n for n, p in module.named_parameters()}
         self._dp_step = self.dp_step_class(
