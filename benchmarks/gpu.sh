@@ -9,7 +9,7 @@
 #
 # Every step has its own time limit (their sum is 7.5 minutes) and its own log; a failing step
 # does not stop the others. summary.md lists each step's exit code and seconds, the card, torch.
-# GPU_SH_OUT=<dir> overrides the results folder.
+# GPU_SH_OUT=<dir> overrides the results folder; GPU_SH_STEPS=a,b runs only the steps named.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,6 +52,10 @@ FAILED=0
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
   local name=$1 limit=$(($2 * SCALE))
   shift 2
+  if [ -n "${GPU_SH_STEPS:-}" ] && [[ ",$GPU_SH_STEPS," != *",$name,"* ]]; then
+    echo "| $name | skipped (GPU_SH_STEPS) | 0 |" >> "$OUT/summary.md"
+    return
+  fi
   echo "== $name (at most ${limit} s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1

@@ -95,9 +95,11 @@ def test_bf16_mixed_trains_to_bf16_accuracy():
     strategy = DPAutoStrategy(noise_multiplier=0.0, clipping="abadi", max_grad_norm=R, poisson_sampling=False)
     net, x, y, model, update = _fit("transformer", strategy=strategy, precision="bf16-mixed")
     assert model.devices == {"cuda"}
-    for u, e in zip(update, _expected(net, x, y)):
-        assert torch.isfinite(u).all()
-        assert ((u.double() - e).norm() / e.norm()).item() < 5e-2  # bf16 has 8 bits of mantissa
+    u = torch.cat([t.double().flatten() for t in update])
+    e = torch.cat([t.flatten() for t in _expected(net, x, y)])
+    assert torch.isfinite(u).all()
+    # bf16 keeps about 3 digits; a missing or doubled clipping or division is off by 50% or more
+    assert ((u - e).norm() / e.norm()).item() < 3e-2
 
 
 def test_dp_fsdp_on_one_gpu_trains_with_the_exact_update():
