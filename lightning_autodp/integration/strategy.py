@@ -112,8 +112,9 @@ class DPAutoStrategy(DDPStrategy):
             domain tag, see :mod:`lightning_autodp.mechanism.randomness`). ``None`` (default): the run's seed
             (``seed_everything``, else torch's initial seed). Anyone who knows it can recompute the
             noise and the samples: keep it secret, or use ``secure_mode``. Restored from a checkpoint.
-        secure_mode: draw noise and Poisson samples from the operating system's CSPRNG
-            (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
+        secure_mode: draw Poisson samples from the operating system's CSPRNG (``os.urandom``) and
+            noise from ChaCha20 keyed by 32 fresh bytes of it per step, computed on the parameters'
+            device, with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
         run_checks: check the first optimizer step of every fit against silent privacy failures
