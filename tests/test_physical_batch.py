@@ -143,3 +143,14 @@ def test_unsplittable_batch_is_refused_naming_the_fix():
 def test_training_step_without_loss_is_refused():
     with pytest.raises(ValueError, match="must return the loss"):
         physical.closure_loss(None)
+
+
+def test_empty_poisson_batches_pass_through_the_cap():
+    """q = 1/40: most steps draw no example; they are taken (noise only) and never cut."""
+    n = 40
+    net = torch.nn.Linear(3, 3)
+    x, y = torch.randn(n, 3), torch.randint(0, 3, (n,))
+    strategy = DPAutoStrategy(noise_multiplier=1.0, max_physical_batch_size=1)
+    quiet_trainer(strategy=strategy, max_epochs=1).fit(Classifier(net), loader(x, y, batch_size=1))
+    assert strategy.steps == n
+    assert strategy.ledger.segments == [(1.0, 1 / n, n)]
