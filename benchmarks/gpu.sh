@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu.sh            # on a GPU machine: writes benchmarks/results/gpu_<date>_<card>/
 #   bash benchmarks/gpu.sh --smoke    # tiny sizes on whatever device there is (the CPU): checks the plumbing
 #
-# Every step has its own time limit (their sum is 7.75 minutes) and its own log; a failing step
+# Every step has its own time limit (their sum is 7.8 minutes) and its own log; a failing step
 # does not stop the others. summary.md lists each step's exit code and seconds, the card, torch.
 # GPU_SH_OUT=<dir> overrides the results folder; GPU_SH_STEPS=a,b runs only the steps named.
 set -u
@@ -66,9 +66,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
 }
 
 # 1. the test suite's CUDA-marked tests (placement, exact update, bf16, secure noise, cap, 1-GPU dp_fsdp)
-step cuda_tests 80 $PY -m pytest -q -m cuda tests -rs
+step cuda_tests 100 $PY -m pytest -q -m cuda tests -rs
 # 2. engines at GPT-2 small's sizes: dp_auto vs non-private vs Opacus ghost clipping (Opacus runs the encoder)
-step engines_encoder 160 $PY benchmarks/run.py --device $DEVICE $TINY $STEPS --models $ENCODERS \
+step engines_encoder 150 $PY benchmarks/run.py --device $DEVICE $TINY $STEPS --models $ENCODERS \
   --modes nonprivate,dp_auto_bk,opacus_ghost --out "$OUT/engines_encoder"
 # 3. transformers' GPT-2 at the same sizes: dp_auto vs non-private (Opacus cannot run it, see results_hf.md)
 step engines_hf_gpt2 75 $PY benchmarks/run.py --device $DEVICE $TINY $STEPS --models $HF \
@@ -76,7 +76,7 @@ step engines_hf_gpt2 75 $PY benchmarks/run.py --device $DEVICE $TINY $STEPS --mo
 # 4. dp_fsdp vs FSDP2 vs dp_auto (1 rank on one GPU: units moved by fully_shard)
 step fsdp 75 $PY benchmarks/fsdp.py --device $DEVICE $TINY --out "$OUT/fsdp"
 # 5. secure-mode noise per million coordinates: ChaCha20 on the device vs os.urandom on the CPU
-step secure_noise 30 $PY benchmarks/secure_noise.py --device $DEVICE $TINY --coordinates 4194304 --out "$OUT/secure_noise"
+step secure_noise 25 $PY benchmarks/secure_noise.py --device $DEVICE $TINY --coordinates 4194304 --out "$OUT/secure_noise"
 # 6. peak memory against max_physical_batch_size (GPT-2 small's width, T=512)
 if [ $SMOKE = 1 ]; then
   step physical_batch 45 $PY benchmarks/physical_batch.py --device $DEVICE --tiny --out "$OUT/physical_batch"
