@@ -117,11 +117,12 @@ def test_physical_batch_cap_lowers_the_peak_memory():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         strategy = DPAutoStrategy(noise_multiplier=1.0, poisson_sampling=False, max_physical_batch_size=cap)
-        net = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.Tanh(), torch.nn.Linear(2048, 3))
+        # the whole batch's activations (4096 x 4096 hidden, several copies) dwarf the parameters (8 MB)
+        net = torch.nn.Sequential(torch.nn.Linear(512, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 3))
         model = Classifier(net, optimizer="sgd", lr=0.1)
-        x, y = torch.randn(2048, 512), torch.randint(0, 3, (2048,))
+        x, y = torch.randn(4096, 512), torch.randint(0, 3, (4096,))
         quiet_trainer(strategy=strategy, max_steps=1, accelerator="gpu").fit(
-            model, loader(x, y, batch_size=2048)
+            model, loader(x, y, batch_size=4096)
         )
         return torch.cuda.max_memory_allocated()
 
