@@ -45,3 +45,17 @@ def batches_processed_in_epoch(trainer: pl.Trainer) -> int:
 def grad_scaler(precision_plugin: Any) -> Any:
     """The precision plugin's ``torch.amp.GradScaler`` (``16-mixed``), else None."""
     return getattr(precision_plugin, "scaler", None)
+
+
+def is_compiled_lightning_module(module: nn.Module) -> bool:
+    """True when ``module`` came to the Trainer as ``torch.compile(module)`` (Lightning's ``from_compiled``
+    records ``_compiler_ctx`` on the unwrapped module)."""
+    return getattr(module, "_compiler_ctx", None) is not None
+
+
+def donated_buffers_enabled() -> bool:
+    """torch's AOTAutograd donates saved-tensor buffers to a compiled backward (``donated_buffer``),
+    which forbids a second backward over the same graph (``retain_graph=True``)."""
+    import torch._functorch.config as functorch_config
+
+    return bool(getattr(functorch_config, "donated_buffer", False))

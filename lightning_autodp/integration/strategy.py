@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
-from lightning_autodp.integration import _compat, summary
+from lightning_autodp.integration import _compat, compiled, physical, summary
 from lightning_autodp.mechanism.clipping import (
     DEFAULT_CLIPPING,
     ClippingMode,
@@ -126,8 +126,9 @@ class DPAutoStrategy(DDPStrategy):
             domain tag, see :mod:`lightning_autodp.mechanism.randomness`). ``None`` (default): the run's seed
             (``seed_everything``, else torch's initial seed). Anyone who knows it can recompute the
             noise and the samples: keep it secret, or use ``secure_mode``. Restored from a checkpoint.
-        secure_mode: draw noise and Poisson samples from the operating system's CSPRNG
-            (``os.urandom``) with Opacus's floating-point mitigation; no seed, not reproducible.
+        secure_mode: draw Poisson samples from the operating system's CSPRNG (``os.urandom``) and
+            noise from ChaCha20 keyed by 32 fresh bytes of it per step, computed on the parameters'
+            device, with Opacus's floating-point mitigation; no seed, not reproducible.
         bucket_cap_mb: under data parallelism the clipped sums are all-reduced in buckets of at
             most this many megabytes (as DDP's ``bucket_cap_mb``), never as one flat copy of all.
         run_checks: check the first optimizer step of every fit in full, and every 25th step after
@@ -137,6 +138,10 @@ class DPAutoStrategy(DDPStrategy):
         observers: :class:`~lightning_autodp.mechanism.observers.StepObserver` objects called at
             fixed points of every DP step (checks, audit canaries, your own); more can be added with
             :meth:`add_observer`.
+        max_physical_batch_size: the most examples run through forward and backward at once. A
+            larger micro-batch (Poisson batches have no upper bound) is cut into pieces of at most
+            this size inside the same optimizer step: same update, same accounting, memory of one
+            piece (see :mod:`lightning_autodp.integration.physical`). ``None`` (default): no cap.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, start_method: as for
             :class:`~lightning.pytorch.strategies.DDPStrategy`.
@@ -212,6 +217,7 @@ class DPAutoStrategy(DDPStrategy):
         bucket_cap_mb: float = DEFAULT_BUCKET_MB,
         run_checks: bool | RunTimeChecks = True,
         observers: Sequence[StepObserver] = (),
+        max_physical_batch_size: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -262,6 +268,8 @@ class DPAutoStrategy(DDPStrategy):
         self.verify, self.verify_examples, self._verify_pending = verify, verify_examples, False
         # -- end verify
         self.bucket_cap_mb = float(bucket_cap_mb)
+        physical.check_max_physical_batch_size(max_physical_batch_size)
+        self.max_physical_batch_size = max_physical_batch_size
         #: what the mechanism ran: ``(sigma, q)`` of every optimizer step (see :class:`PrivacyLedger`)
         self.ledger = PrivacyLedger()
         self.dataset_size: int | None = None
@@ -445,6 +453,7 @@ class DPAutoStrategy(DDPStrategy):
         self.prepare_module(module)
         self._engine = make_engine(self.engine, module)
         self._batch_norms = BatchNormGuard(module)
+        compiled.check_compiled_module(module, self._engine)  # before training, not mid-step
         self._verify_pending = self.verify  # verify: once per fit, on the first non-empty micro-batch
         names = {id(p): n for n, p in module.named_parameters()}
         self._param_names = {p: n for n, p in module.named_parameters()}
@@ -684,6 +693,8 @@ class DPAutoStrategy(DDPStrategy):
 
     def _captured_training_step(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._close_capture()
+        if self.max_physical_batch_size is not None:  # the leading pieces train here, the last below
+            args, kwargs = physical.run_leading_physical_batches(self, args, kwargs)
         batch = args[0] if args else kwargs.get("batch")
         empty = isinstance(batch, EmptyBatch)
         # -- verify (safeguards.verify): engine vs a per-example loop, before the first update

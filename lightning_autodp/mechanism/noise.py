@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_autodp.mechanism.randomness import derive_seed, secure_gaussian
+from lightning_autodp.mechanism.chacha import ChaChaGaussian
+from lightning_autodp.mechanism.randomness import derive_seed
 
 NOISE_DOMAIN = "noise"
 
@@ -23,7 +24,9 @@ class NoiseSource:
     Args:
         seed: the user's seed (see :mod:`lightning_autodp.mechanism.randomness`); unused in secure mode.
         rank: this process's global rank, part of the stream's domain.
-        secure_mode: draw from the OS CSPRNG with Opacus's floating-point mitigation instead.
+        secure_mode: draw from ChaCha20 keyed by 32 fresh bytes of the OS CSPRNG per step, computed
+            on the parameters' device, with Opacus's floating-point mitigation (see
+            :mod:`lightning_autodp.mechanism.chacha`).
 
     In seeded mode the noise of step ``t`` comes from a generator seeded with
     ``derive_seed(seed, "noise", rank, t)``: a resumed run draws what the uninterrupted one
@@ -43,11 +46,13 @@ class NoiseSource:
         self.secure_mode = secure_mode
         self._step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._secure: ChaChaGaussian | None = None  # secure mode: this step's key, drawn at first use
 
     def start_step(self, step: int) -> None:
         """Select the stream of optimizer step ``step`` (counted over the whole training history)."""
         self._step = step
         self._generators.clear()
+        self._secure = None  # a fresh key for every step: no step's noise says anything about another's
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -61,7 +66,10 @@ class NoiseSource:
         if std == 0:
             return torch.zeros(like.shape, device=like.device, dtype=torch.float32)
         if self.secure_mode:
-            return (std * secure_gaussian(like.shape)).to(device=like.device, dtype=torch.float32)
+            if self._secure is None:
+                self._secure = ChaChaGaussian()  # 32 bytes from os.urandom
+            z = self._secure.standard_normal(like.shape, device=like.device)
+            return (std * z).to(dtype=torch.float32)
         return torch.normal(
             0.0, std, size=like.shape, generator=self._generator(like.device), device=like.device
         )

@@ -15,21 +15,34 @@ nothing usable about another short of inverting SHA-256. But anyone who knows ``
 recompute every stream: in seeded mode ``seed`` is a secret as strong as the guarantee.
 
 **Secure mode** (``secure_mode=True``). No seed is used. Every random number comes from the
-operating system's CSPRNG (:func:`os.urandom`, i.e. ``getrandom(2)`` on Linux):
+operating system's CSPRNG (:func:`os.urandom`, i.e. ``getrandom(2)`` on Linux), directly or as
+the key of a stream cipher:
 
 * sampling: one uniform :math:`u \in (0, 1]` on the 53-bit grid per example and step
   (8 bytes of OS randomness each); the example is in the step iff :math:`u \le q`,
   so :math:`P = \lceil q 2^{53} \rceil / 2^{53}`, within :math:`2^{-53}` of ``q``;
-* noise: standard normals by the Box-Muller transform in float64 from such uniforms
-  (two uniforms give two normals), then Opacus's floating-point mitigation (Jin et al. 2021,
-  arXiv:2107.10138, section 5.1, as in ``opacus.optimizers.optimizer._generate_noise``): each
-  coordinate is :math:`(z_1 + z_2 + z_3 + z_4)/2` of four independent normals, which still has
-  variance 1 but whose floating-point value no longer reveals the single draw behind it.
-  Cost: 32 bytes of OS randomness per noised coordinate and step, drawn on the CPU and copied to
-  the gradient's device (slow for large models: use it for releases, not experiments).
+* noise: ChaCha20 (RFC 8439) keyed by 32 fresh bytes of :func:`os.urandom` per optimizer step and
+  rank, computed with tensor operations on the parameters' device
+  (:mod:`lightning_autodp.mechanism.chacha`); its words become uniforms on the 53-bit grid as above,
+  standard normals by the Box-Muller transform in float64 (two uniforms give two normals), then
+  Opacus's floating-point mitigation (Jin et al. 2021, arXiv:2107.10138, section 5.1, as in
+  ``opacus.optimizers.optimizer._generate_noise``): each coordinate is
+  :math:`(z_1 + z_2 + z_3 + z_4)/2` of four independent normals, which still has variance 1 but
+  whose floating-point value no longer reveals the single draw behind it. Cost: 32 bytes of OS
+  randomness per step, and eight ChaCha20 words (half a block) per noised coordinate.
+  :func:`secure_gaussian` is the same construction with every uniform read from the OS (32 bytes
+  per coordinate, on the CPU); it serves as the baseline of ``benchmarks/secure_noise.py``.
+
+Threat model of secure mode: the adversary sees the released model (every intermediate model,
+in DP-SGD's analysis) and may know the code, the data of all other examples, every seed and torch's
+generator states; it does not read the training process's memory. The noise is then as
+unpredictable as ChaCha20's output under a uniformly random 256-bit key, the assumption that the
+Linux kernel's own CSPRNG (``getrandom(2)``, a ChaCha20 generator since Linux 4.8) already rests on.
+Each step's key lives in host and device memory only during that step's noise draw; whoever can
+read that memory could read the noise itself, which no generator protects against.
 
 torch has no CSPRNG-backed ``torch.Generator`` (torchcsprng, which Opacus's ``secure_mode`` uses,
-is not maintained for current torch), hence the explicit construction from OS bytes.
+is not maintained for current torch), hence the explicit construction from OS bytes and ChaCha20.
 """
 
 from __future__ import annotations
