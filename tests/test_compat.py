@@ -60,14 +60,14 @@ def test_norm_base_classes():
     assert not isinstance(nn.GroupNorm(1, 3), (_compat.BATCH_NORM_BASE, _compat.INSTANCE_NORM_BASE))
 
 
-def test_compiled_module_and_donated_buffer_accessors(monkeypatch):
+def test_compiled_module_and_donated_buffer_accessors():
     import torch._functorch.config as functorch_config
     from lightning.pytorch.utilities.compile import from_compiled
 
     module = Classifier(nn.Linear(2, 2))
     assert not _compat.is_compiled_lightning_module(module)
     assert _compat.is_compiled_lightning_module(from_compiled(torch.compile(module, backend="eager")))
-    monkeypatch.setattr(functorch_config, "donated_buffer", False)
-    assert _compat.donated_buffers_enabled() is False
-    monkeypatch.setattr(functorch_config, "donated_buffer", True)
-    assert _compat.donated_buffers_enabled() is True
+    with functorch_config.patch(donated_buffer=False):
+        assert _compat.donated_buffers_enabled() is False
+    with functorch_config.patch(donated_buffer=True):
+        assert _compat.donated_buffers_enabled() is True

@@ -17,14 +17,14 @@ R = 1.7  # between the examples' gradient norms (1.2 to 3.1): Abadi clips some o
 
 
 def _compiled_update(
-    case: str, engine: str, backend: str, cap: int | None = None, device: str = "cpu"
+    case: str, engine: str, backend: str, cap: int | None = None, device: str = "cpu", safeguards: bool = True
 ) -> tuple[list, list]:
     net, x, y = make_case(case, n=8)
     model = Classifier(copy.deepcopy(net), optimizer="sgd", lr=1.0)
     before = [p.detach().clone() for p in model.net.parameters()]
     strategy = DPAutoStrategy(
         noise_multiplier=0.0, clipping="abadi", max_grad_norm=R, poisson_sampling=False, engine=engine,
-        max_physical_batch_size=cap,
+        max_physical_batch_size=cap, verify=safeguards, run_checks=safeguards,
     )  # fmt: skip
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
@@ -65,10 +65,14 @@ def test_compiled_module_with_a_physical_batch_cap():
 
 
 def test_compiled_module_without_clipping_is_caught(monkeypatch):
-    """Mutation: clipping weights of 1 (no clipping) under compile must fail the comparison."""
+    """Mutation: clipping weights of 1 (no clipping) under compile must fail the comparison.
+
+    The safeguards are off so that the comparison itself is what fails; with them on, the clipping
+    probe stops this run before the update (tests/test_safeguard_faults.py).
+    """
     monkeypatch.setattr(DPStep, "clip_weights", lambda self, engine, scale, check_finite=True: torch.full(
         (engine.batch_size,), 1.0 / scale, dtype=torch.float64))  # fmt: skip
-    update, expected = _compiled_update("linear", "bk", "aot_eager")
+    update, expected = _compiled_update("linear", "bk", "aot_eager", safeguards=False)
     assert max(_relative_errors(update, expected)) > 1e-2
 
 
@@ -77,11 +81,11 @@ def test_ghost_under_compile_is_refused_before_training_naming_the_fix():
         _compiled_update("linear", "ghost", "aot_eager")
 
 
-def test_ghost_under_compile_without_donated_buffers(monkeypatch):
+def test_ghost_under_compile_without_donated_buffers():
     import torch._functorch.config as functorch_config
 
-    monkeypatch.setattr(functorch_config, "donated_buffer", False)
-    update, expected = _compiled_update("linear", "ghost", "aot_eager")
+    with functorch_config.patch(donated_buffer=False):  # torch's own config patch, undone exactly
+        update, expected = _compiled_update("linear", "ghost", "aot_eager")
     assert max(_relative_errors(update, expected)) < 1e-6
 
 
