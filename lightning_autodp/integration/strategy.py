@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.integration import _compat, summary
+from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
@@ -296,6 +297,11 @@ class DPAutoStrategy(DDPStrategy):
     # ------------------------------------------------------------------ properties
 
     @property
+    def runs_distributed(self) -> bool:
+        """True when this strategy runs on several processes joined in a process group."""
+        return self.world_size > 1 and distributed.initialized()
+
+    @property
     def steps(self) -> int:
         """Optimizer steps taken (each one consumed privacy), identical on every rank: ``ledger.steps``."""
         return self.ledger.steps
@@ -407,7 +413,7 @@ class DPAutoStrategy(DDPStrategy):
         that distribute the module differently (:class:`~lightning_autodp.DPFSDPStrategy` shards
         it) override this.
         """
-        if self.world_size > 1 and _compat.distributed_is_initialized():
+        if self.runs_distributed:
             _compat.sync_module_states(module)
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
@@ -647,9 +653,9 @@ class DPAutoStrategy(DDPStrategy):
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks too
             failure = err
-        if self.world_size > 1 and _compat.distributed_is_initialized():
+        if self.runs_distributed:
             failed = torch.tensor([float(failure is not None)], device=self.root_device)
-            _all_reduce_sum(failed)
+            distributed.all_reduce_sum(failed)
             if failure is None and failed.item() > 0:
                 raise EngineVerificationError(
                     f"dp_auto's verification before the first update failed on {int(failed.item())} other "
@@ -761,7 +767,6 @@ class DPAutoStrategy(DDPStrategy):
         if self._checks is not None:  # audit/checks
             self._checks.before_noise(dp_step.summed, params, reduced=dp_step.sums_are_reduced)
         noise.start_step(self.ledger.steps)
-        distributed = self.world_size > 1 and _compat.distributed_is_initialized()
         scaler = _compat.grad_scaler(self.precision_plugin)
         divisor, examples = dp_step.privatize(
             sigma=sigma,
@@ -770,7 +775,7 @@ class DPAutoStrategy(DDPStrategy):
             noise=noise if dp_step.every_rank_draws_noise or self.global_rank == 0 else None,
             ledger=self.ledger,
             divisor=self.expected_batch_size if self.poisson_sampling else None,
-            reduce=_all_reduce_sum if distributed else None,
+            reduce=distributed.all_reduce_sum if self.runs_distributed else None,
             bucket_mb=self.bucket_cap_mb,
             grad_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
         )
@@ -815,14 +820,10 @@ def _destroy_process_group_at_exit() -> None:
     """
 
     def destroy() -> None:
-        if dist.is_available() and dist.is_initialized():
+        if distributed.initialized():
             dist.destroy_process_group()
 
     atexit.register(destroy)
-
-
-def _all_reduce_sum(tensor: Tensor) -> None:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def _check_noise_multiplier(sigma: object) -> None:
