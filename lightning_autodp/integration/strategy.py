@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -32,6 +33,8 @@ from typing_extensions import override
 from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
 from lightning_autodp.integration import _compat, summary
 from lightning_autodp.mechanism import distributed
+from lightning_autodp.mechanism.accounting import merge_segments
+from lightning_autodp.mechanism.calibration import CalibrationRequest, NoiseCalibrator
 from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
 from lightning_autodp.mechanism.noise import NoiseSource
 from lightning_autodp.mechanism.sampling import EmptyBatch, check_poisson_compatible, poisson_dataloader
@@ -256,6 +259,9 @@ class DPAutoStrategy(DDPStrategy):
         self._capture: contextlib.ExitStack | None = None
         self._fitting = False
         self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
+        self._calibrator: NoiseCalibrator | None = None  # to be asked for sigma when training starts
+        self._accounted_by_calibrator = False  # this fit has a calibrator: its checkpoints need one
+        self._restored_with_calibrator = False  # the restored checkpoint was written with one
         self._poisson_loader: Any = None
         # --- audit/checks extension points (safeguards.audit, safeguards.checks) ---
         self.run_checks = run_checks
@@ -308,10 +314,16 @@ class DPAutoStrategy(DDPStrategy):
 
     @property
     def noise_multiplier(self) -> float | None | str:
-        r""":math:`\sigma` of the coming steps (``"auto"``/None until resolved at the start of fit).
+        r""":math:`\sigma` of the coming steps: a float once training starts, else as passed.
 
+        A sigma left to a calibrator (``"auto"``/None with a :class:`~lightning_autodp.PrivacyBudget`)
+        is settled by :meth:`settle_noise_multiplier` when training starts: by the first reader
+        once the training data is set up (e.g. any callback's ``on_train_start``, whatever the
+        order of the callbacks), at the latest in this strategy's own ``on_train_start``.
         Setting it is :meth:`set_noise_multiplier`: allowed until the first step of a fit.
         """
+        if self._calibrator is not None and self._training_data_ready():
+            self.settle_noise_multiplier()
         return self._noise_multiplier
 
     @noise_multiplier.setter
@@ -332,6 +344,7 @@ class DPAutoStrategy(DDPStrategy):
             )
         _check_noise_multiplier(sigma)
         self._noise_multiplier = float(sigma)
+        self._calibrator = None  # a sigma set explicitly is not recalibrated
 
     @property
     def verification_pending(self) -> bool:
@@ -441,11 +454,18 @@ class DPAutoStrategy(DDPStrategy):
             )
 
     def _resolve_noise_multiplier(self, trainer: pl.Trainer) -> None:
-        """Fix sigma before the fit: the user's number, the checkpoint's, a callback's, or 1.0."""
-        calibrator = any(getattr(cb, "calibrates_noise_multiplier", False) for cb in trainer.callbacks)
+        """Decide where this fit's sigma comes from, before the fit: every source in one place.
+
+        In order: a restored privacy ledger (a resumed run keeps the sigma it was trained and
+        accounted with, unless the user passed a number), the user's number, a
+        :class:`~lightning_autodp.mechanism.calibration.NoiseCalibrator` among the callbacks (asked
+        by :meth:`settle_noise_multiplier` once ``q`` and the planned steps are known), else 1.0.
+        """
+        calibrator = find_calibrator(trainer.callbacks)
+        self._refuse_resume_without_calibrator(calibrator)
+        self._calibrator = None
         restored = self.ledger.last[0] if self.ledger.last is not None else None
         if self._noise_multiplier in (AUTO, None) and restored is not None:
-            # A resumed run keeps the sigma it was trained (and accounted) with.
             rank_zero_info(f"dp_auto: noise_multiplier={restored:.6g} restored from the privacy ledger.")
             self._noise_multiplier = restored
         elif (
@@ -457,14 +477,66 @@ class DPAutoStrategy(DDPStrategy):
                 f"dp_auto resumes with noise_multiplier={self._noise_multiplier}, but the checkpoint's steps "
                 f"ran with {restored}: the privacy ledger starts a new segment with the new sigma."
             )
-        if self._noise_multiplier == AUTO:
-            self._noise_multiplier = None if calibrator else _DEFAULT_NOISE_MULTIPLIER
-        if self._noise_multiplier is None and not calibrator:
+        if self._noise_multiplier in (AUTO, None):
+            if calibrator is not None:
+                self._calibrator = calibrator  # asked once q and the planned steps are known
+            elif self._noise_multiplier == AUTO:
+                self._noise_multiplier = _DEFAULT_NOISE_MULTIPLIER
+            else:
+                raise ValueError(
+                    "DPAutoStrategy(noise_multiplier=None) needs a callback that calibrates it: add "
+                    "lightning_autodp.PrivacyBudget(target_epsilon=..., delta=...) to "
+                    "Trainer(callbacks=...), or pass a number, e.g. DPAutoStrategy(noise_multiplier=1.0)."
+                )
+        self._accounted_by_calibrator = calibrator is not None
+
+    def _refuse_resume_without_calibrator(self, calibrator: NoiseCalibrator | None) -> None:
+        """A run accounted by a PrivacyBudget must be resumed with one: epsilon must not go unreported."""
+        if self._restored_with_calibrator and calibrator is None:
             raise ValueError(
-                "DPAutoStrategy(noise_multiplier=None) needs a callback that calibrates it: add "
-                "lightning_autodp.PrivacyBudget(target_epsilon=..., delta=...) to Trainer(callbacks=...), "
-                "or pass a number, e.g. DPAutoStrategy(noise_multiplier=1.0)."
+                "The checkpoint was trained with a PrivacyBudget, but this Trainer has none: the resumed "
+                "run's epsilon would go unreported. Add the same PrivacyBudget(target_epsilon=..., "
+                "delta=..., accountant=...) to Trainer(callbacks=...); the spent budget is restored from "
+                "the checkpoint's privacy ledger."
             )
+
+    def _training_data_ready(self) -> bool:
+        """True once fit's training DataLoader is set up: ``q`` and the planned steps are known."""
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        return (
+            self._fitting
+            and self._sample_rate is not None
+            and trainer is not None
+            and trainer.train_dataloader is not None
+        )
+
+    def settle_noise_multiplier(self) -> float:
+        """Ask the calibrator for this fit's sigma, once, if it was left to one; return sigma.
+
+        Called when training starts (see :attr:`noise_multiplier`); the request holds ``q``, the
+        planned optimizer steps of this fit and what the ledger already spent, so the answer does
+        not depend on which hook asked first.
+        """
+        calibrator, self._calibrator = self._calibrator, None
+        if calibrator is not None:
+            trainer = self.lightning_module.trainer
+            planned = planned_steps(trainer)
+            _warn_if_run_length_unchosen(trainer)
+            request = CalibrationRequest(
+                sample_rate=self.sample_rate,
+                planned_steps=planned,
+                spent=tuple(merge_segments(self.ledger.accountable_segments())),
+            )
+            sigma = calibrator.calibrate_noise_multiplier(request)
+            _check_noise_multiplier(sigma)
+            self._noise_multiplier = float(sigma)
+        if not isinstance(self._noise_multiplier, float):
+            raise RuntimeError(
+                "dp_auto's noise_multiplier is settled when training starts; it was read before "
+                "(e.g. in setup or on_fit_start), when it is not known yet."
+            )
+        return self._noise_multiplier
 
     def _resolve_seed(self) -> None:
         """The seed of this fit: the user's, else the checkpoint's, else the run's."""
@@ -535,7 +607,8 @@ class DPAutoStrategy(DDPStrategy):
         """
         super().on_train_start()
         trainer = self.lightning_module.trainer
-        summary.log_start_line(self, trainer)  # [firsthour] after callbacks' on_train_start: sigma is known
+        self.settle_noise_multiplier()  # if no callback has read it yet
+        summary.log_start_line(self, trainer)
         if self._poisson_loader is None or not _compat.fit_loop_restarting(trainer):
             return
         processed = _compat.batches_processed_in_epoch(trainer)
@@ -561,7 +634,12 @@ class DPAutoStrategy(DDPStrategy):
 
         In seeded mode the seed is as secret as the noise: keep checkpoints private.
         """
-        return {"ledger": self.ledger.state_dict(), "seed": self._seed, "secure_mode": self.secure_mode}
+        return {
+            "ledger": self.ledger.state_dict(),
+            "seed": self._seed,
+            "secure_mode": self.secure_mode,
+            "calibrator": self._accounted_by_calibrator,
+        }
 
     def load_dp_state_dict(self, state: dict[str, Any]) -> None:
         if "ledger" in state:
@@ -572,6 +650,7 @@ class DPAutoStrategy(DDPStrategy):
                 "its steps cannot be accounted. Resume with the version that wrote it, or start a new run."
             )
         self._restored_seed = state.get("seed")
+        self._restored_with_calibrator = bool(state.get("calibrator", False))
 
     @override
     def save_checkpoint(
@@ -588,26 +667,10 @@ class DPAutoStrategy(DDPStrategy):
         return checkpoint
 
     def restore_dp_state(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the privacy state of a loaded checkpoint; refuse a budgeted run without a budget.
-
-        A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported.
-        """
+        """Restore the privacy state of a loaded checkpoint (the sigma it implies is settled in setup)."""
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None:
             self.load_dp_state_dict(state)
-        saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith("PrivacyBudget")]
-        module = self.lightning_module
-        trainer = module.trainer if module is not None else None
-        if not saved or trainer is None:
-            return
-        if not any(getattr(cb, "calibrates_noise_multiplier", False) for cb in trainer.callbacks):
-            raise ValueError(
-                f"The checkpoint was trained with a PrivacyBudget ({saved[0]}), but this Trainer has none: "
-                "the "
-                "resumed run's epsilon would go unreported. Add the same PrivacyBudget(target_epsilon=..., "
-                "delta=..., accountant=...) to Trainer(callbacks=...); the spent budget is restored from the "
-                "checkpoint's privacy ledger."
-            )
 
     # ------------------------------------------------------------------ the training step
 
@@ -755,12 +818,7 @@ class DPAutoStrategy(DDPStrategy):
         """
         dp_step, noise = self._dp_step, self._noise
         assert dp_step is not None and noise is not None
-        sigma = self._noise_multiplier
-        if not isinstance(sigma, float):
-            raise RuntimeError(
-                "dp_auto has no noise_multiplier at the first optimizer step; the PrivacyBudget callback "
-                "should have calibrated it in on_train_start."
-            )
+        sigma = self.settle_noise_multiplier()  # settled in on_train_start; a no-op here
         params = dp_step.params
         if self.canaries is not None:  # audit/checks: virtual examples through the same clipping
             self.canaries.add_to_sum(dp_step.summed, params, self.clip_factors, self.global_rank)
@@ -824,6 +882,40 @@ def _destroy_process_group_at_exit() -> None:
             dist.destroy_process_group()
 
     atexit.register(destroy)
+
+
+def find_calibrator(callbacks: list[pl.Callback]) -> NoiseCalibrator | None:
+    """The first callback that implements :class:`NoiseCalibrator` (a PrivacyBudget), else None."""
+    return next((cb for cb in callbacks if isinstance(cb, NoiseCalibrator)), None)
+
+
+def planned_steps(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps this fit will take if nothing stops it (``None``: unbounded)."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        return None
+    return max(int(total) - trainer.global_step, 0)
+
+
+#: what Lightning plans when neither ``max_epochs`` nor ``max_steps`` is given
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
+
+def _warn_if_run_length_unchosen(trainer: pl.Trainer) -> None:
+    """Warn when sigma is about to be calibrated for Lightning's default of 1000 epochs.
+
+    Lightning replaces an unset ``max_epochs`` by 1000 before any callback runs, so the two cannot be
+    told apart here: 1000 epochs with ``max_steps=-1`` is taken as the user not choosing.
+    """
+    if trainer.max_steps != -1 or trainer.max_epochs != _LIGHTNING_DEFAULT_MAX_EPOCHS:
+        return
+    rank_zero_warn(
+        "PrivacyBudget calibrates the noise multiplier for the planned run, and this Trainer plans "
+        "max_epochs=1000, Lightning's default when neither max_epochs nor max_steps is set: sigma will "
+        "be large enough for 1000 epochs. Set Trainer(max_epochs=...) or Trainer(max_steps=...) to the "
+        "run you want; or, to train until the budget is spent, fix sigma with "
+        "DPAutoStrategy(noise_multiplier=1.0) and Trainer(max_epochs=-1)."
+    )
 
 
 def _check_noise_multiplier(sigma: object) -> None:

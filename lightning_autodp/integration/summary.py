@@ -82,11 +82,11 @@ def format_fit_summary(s: FitSummary) -> str:
 
 
 def find_budget(trainer: pl.Trainer) -> Any | None:
-    """The PrivacyBudget-like callback (duck-typed: it calibrates sigma and reports ``epsilon``)."""
-    for cb in trainer.callbacks:
-        if getattr(cb, "calibrates_noise_multiplier", False) and hasattr(cb, "epsilon"):
-            return cb
-    return None
+    """The Trainer's first :class:`~lightning_autodp.PrivacyBudget` (the one that calibrates sigma)."""
+    # imported here: the callback imports the strategy, which imports this module
+    from lightning_autodp.integration.callbacks import PrivacyBudget
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyBudget)), None)
 
 
 def stop_reason(trainer: pl.Trainer, budget: Any | None = None) -> str:
