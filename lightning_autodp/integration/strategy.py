@@ -30,10 +30,11 @@ from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
+from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, make_engine
 from lightning_autodp.integration import _compat, summary
 from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.accounting import merge_segments
+from lightning_autodp.mechanism.batches import infer_batch_size
 from lightning_autodp.mechanism.calibration import CalibrationRequest, NoiseCalibrator
 from lightning_autodp.mechanism.clipping import ClippingMode, clip_factors, resolve_gamma, validate_clipping
 from lightning_autodp.mechanism.noise import NoiseSource
