@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
+
+import pytest
 
 import lightning_autodp
 
@@ -103,3 +106,19 @@ def test_the_mechanism_runs_no_lightning_import():
     assert "lightning_autodp.mechanism.calibration" in reached
     offenders = sorted(m for m in reached if _imports_lightning(files[m]))
     assert offenders == []
+
+
+def test_sources_compile_without_warnings():
+    """No SyntaxWarning (e.g. an invalid escape in a docstring) on the first import of any module."""
+    examples = ROOT.parent / "examples"
+    for path in [*ROOT.rglob("*.py"), *examples.glob("*.py")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(), str(path), "exec")
+
+
+def test_an_invalid_escape_is_caught():
+    # mutation: a docstring with math and no r prefix, as one in accounting.py had
+    with warnings.catch_warnings(), pytest.raises(SyntaxError):
+        warnings.simplefilter("error")
+        compile('def f():\n    """:math:`\\log T`"""\n', "<mutant>", "exec")
