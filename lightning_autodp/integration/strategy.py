@@ -89,7 +89,10 @@ class DPAutoStrategy(DDPStrategy):
         noise_multiplier: :math:`\sigma`. ``"auto"`` (default): chosen by a
             :class:`~lightning_autodp.PrivacyBudget` callback for its target epsilon, or 1.0 when
             there is none (a resumed run keeps the checkpoint's sigma). ``None``: must be
-            calibrated by such a callback. Fixed once the first step of a fit is taken.
+            calibrated by such a callback. The strategy asks the callback once, when training
+            starts (any :class:`~lightning_autodp.mechanism.calibration.NoiseCalibrator`), so
+            every ``on_train_start`` hook sees the calibrated value. Fixed once the first step of
+            a fit is taken.
         clipping: ``"auto_s"`` (default) :math:`R/(\|g_i\|+\gamma)`, ``"psac"``
             :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples keep small gradients),
             ``"auto_v"`` :math:`R/\|g_i\|`,
@@ -132,8 +135,8 @@ class DPAutoStrategy(DDPStrategy):
             clipped, noised sums itself).
 
     Attributes:
-        noise_multiplier: :math:`\sigma` in use: a float once ``fit`` has started (after
-            :class:`~lightning_autodp.PrivacyBudget` calibrated it), else as passed.
+        noise_multiplier: :math:`\sigma` in use: a float once training has started (calibrated
+            then if it was left to a :class:`~lightning_autodp.PrivacyBudget`), else as passed.
         steps: optimizer steps taken so far (each one spent privacy); the same on every rank.
         dataset_size: :math:`N`, the number of training examples (known once the training
             DataLoader is set up).
@@ -619,7 +622,7 @@ class DPAutoStrategy(DDPStrategy):
     def on_train_end(self) -> None:
         """Print the end-of-fit line: sigma, q, steps, epsilon at delta, and why training stopped."""
         super().on_train_end()
-        summary.log_fit_summary(self, self.lightning_module.trainer)  # [firsthour] after callbacks' hooks
+        summary.log_fit_summary(self, self.lightning_module.trainer)  # after the callbacks' on_train_end
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:

@@ -182,5 +182,5 @@ def format_start_line(strategy: Any, planned_steps: float) -> str:
 
 
 def log_start_line(strategy: Any, trainer: pl.Trainer) -> None:
-    """Print the start-of-fit line on rank 0, once sigma is known (after callbacks' on_train_start)."""
+    """Print the start-of-fit line on rank 0, once sigma is settled (the strategy's on_train_start)."""
     rank_zero_info(format_start_line(strategy, trainer.estimated_stepping_batches))
