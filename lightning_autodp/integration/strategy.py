@@ -856,6 +856,7 @@ class DPAutoStrategy(DDPStrategy):
             self._dp_step.clear()
             self._dp_step = None
         self._steps_at_fit_start = None
+        self._calibrator = None  # a fit that failed before training started asks no one afterwards
         super().teardown()
 
 
