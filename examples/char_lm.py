@@ -210,6 +210,11 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
         callbacks = [budget, PrivacyReport("val_ppl")]
     label = "dp_auto" if private else "non-private"
     callbacks.append(EpochLine(label, ("val_ppl",), budget=callbacks[0] if private else None))
+    # A --max-steps run shorter than one epoch would end before its first validation (and the
+    # privacy report would have no val_ppl to draw): validate at its last step instead.
+    dm.setup("fit")
+    steps_per_epoch = math.ceil(len(dm.train_set) / (args.batch_size * args.devices))
+    short = 0 < args.max_steps < steps_per_epoch
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -220,6 +225,8 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
         callbacks=callbacks,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
+        val_check_interval=args.max_steps if short else None,
+        check_val_every_n_epoch=None if short else 1,
         log_every_n_steps=5,
         enable_progress_bar=False,  # EpochLine prints one line per epoch instead
         enable_model_summary=False,
@@ -227,8 +234,6 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - start
-    if "val_ppl" not in trainer.callback_metrics:  # max_steps ended fit before any validation
-        trainer.validate(model, datamodule=dm, verbose=False)
     out: dict[str, Any] = {"val_ppl": float(trainer.callback_metrics["val_ppl"]), "seconds": seconds}
     out["steps"] = trainer.global_step
     if private:

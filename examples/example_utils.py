@@ -53,6 +53,21 @@ def quiet_lightning() -> None:
             handler.addFilter(noise_filter)
 
 
+def quiet_transformers() -> None:
+    """The text examples load MiniLM without its pooler (unused): no load report, no progress bar.
+
+    Also drops peft's read of ``is_gradient_checkpointing``, which transformers deprecates (a
+    ``FutureWarning`` about peft's code, not the user's).
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+
+
 class EpochLine(L.Callback):
     """One short line per epoch (every ``every`` epochs, the last, and a stop) with the metrics that matter.
 

@@ -52,7 +52,7 @@ from lightning_autodp.integration.report import PrivacyReport  # noqa: E402
 from lightning_autodp.mechanism.clipping import CLIPPING_MODES, DEFAULT_CLIPPING  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from example_utils import EpochLine, HelpFormatter  # noqa: E402
+from example_utils import EpochLine, HelpFormatter, quiet_lightning, quiet_transformers  # noqa: E402
 from text_classification import TOPICS, BBCNewsDataModule, minilm_path, print_results  # noqa: E402
 
 SMOKE = [
@@ -156,6 +156,7 @@ def fit_once(args: argparse.Namespace, private: bool) -> dict[str, Any]:
         num_sanity_val_steps=0,
         log_every_n_steps=5,
         enable_progress_bar=False,
+        enable_model_summary=False,
     )
     start = time.perf_counter()
     trainer.fit(model, dm)
@@ -206,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parse_args(argv)
+    quiet_lightning()
+    quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, dict[str, Any]] = {}

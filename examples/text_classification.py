@@ -54,7 +54,7 @@ from lightning_autodp import PrivacyBudget  # noqa: E402
 from lightning_autodp.integration.report import PrivacyReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning  # noqa: E402
+from example_utils import EpochLine, HelpFormatter, apply_smoke, quiet_lightning, quiet_transformers  # noqa: E402
 
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
@@ -294,6 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parse_args(argv)
     quiet_lightning()
+    quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, dict[str, Any]] = {}

@@ -9,10 +9,11 @@ import os
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_autodp import DPAutoStrategy, PrivacyBudget
+from lightning_autodp.mechanism.calibration import NoiseCalibrator
 from tests.models import Classifier, loader, make_case, quiet_trainer
 from tests.test_accounting import opacus_epsilon
 
@@ -75,6 +76,79 @@ def test_calibrates_sigma_for_the_planned_run(accountant):
     reached = opacus_epsilon(accountant, [(strategy.noise_multiplier, BATCH / N, strategy.steps)])
     assert 0.99 * 2.0 <= reached <= 2.0
     assert budget.epsilon == pytest.approx(reached, rel=1e-9)
+
+
+class SigmaReader(Callback):
+    """A user's callback that reads sigma where users do: when training starts."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen.append(trainer.strategy.noise_multiplier)
+
+
+class CountingBudget(PrivacyBudget):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requests = []
+
+    def calibrate_noise_multiplier(self, request):
+        self.requests.append(request)
+        return super().calibrate_noise_multiplier(request)
+
+
+def _calibrated_fit(reader_first: bool):
+    L.seed_everything(0, verbose=False)
+    net, x, y = _data()
+    budget, reader = CountingBudget(target_epsilon=2.0, delta=1e-5, accountant="rdp"), SigmaReader()
+    callbacks = [reader, budget] if reader_first else [budget, reader]
+    strategy = DPAutoStrategy()  # "auto": the budget calibrates sigma
+    trainer = quiet_trainer(strategy=strategy, callbacks=callbacks, max_epochs=2)
+    trainer.fit(Classifier(net), loader(x, y, batch_size=BATCH))
+    return strategy, budget, reader
+
+
+def test_calibration_does_not_depend_on_the_order_of_the_callbacks():
+    runs = [_calibrated_fit(reader_first) for reader_first in (True, False)]
+    sigmas = []
+    for strategy, budget, reader in runs:
+        (sigma,) = reader.seen  # the user's callback saw the calibrated sigma, before or after the budget
+        assert isinstance(sigma, float)
+        assert sigma == strategy.noise_multiplier == budget.noise_multiplier
+        assert {s for s, _, _ in strategy.ledger.segments} == {sigma}  # every step ran with it
+        (request,) = budget.requests  # asked exactly once, with what the run then did
+        assert (request.sample_rate, request.planned_steps, request.spent) == (BATCH / N, 2 * N // BATCH, ())
+        assert strategy.steps == request.planned_steps
+        reached = opacus_epsilon("rdp", [(sigma, BATCH / N, strategy.steps)])  # an independent accountant
+        assert 0.99 * 2.0 <= reached <= 2.0
+        sigmas.append(sigma)
+    assert sigmas[0] == sigmas[1]
+
+
+def test_a_reader_before_the_budget_needs_the_strategy_to_settle_sigma(monkeypatch):
+    # Mutation of the test above: without the strategy settling sigma for its first reader, a user's
+    # callback listed before the budget sees "auto" (the hook-order dependence this design removes).
+    monkeypatch.setattr(DPAutoStrategy, "_training_data_ready", lambda self: False)
+    _, budget, reader = _calibrated_fit(reader_first=True)
+    assert reader.seen == ["auto"] and isinstance(budget.noise_multiplier, float)
+
+
+class HalfPlanCalibrator(Callback):
+    """Any callback implementing the NoiseCalibrator protocol is asked, not only PrivacyBudget."""
+
+    def calibrate_noise_multiplier(self, request):
+        return 0.5 + request.planned_steps / 100
+
+
+def test_the_strategy_asks_any_noise_calibrator():
+    assert isinstance(PrivacyBudget(), NoiseCalibrator) and isinstance(HalfPlanCalibrator(), NoiseCalibrator)
+    net, x, y = _data()
+    strategy = DPAutoStrategy(noise_multiplier=None)
+    quiet_trainer(strategy=strategy, callbacks=[HalfPlanCalibrator()], max_steps=5).fit(
+        Classifier(net), loader(x, y, batch_size=BATCH)
+    )
+    assert strategy.ledger.segments == [(0.55, BATCH / N, 5)]
 
 
 def test_history_has_one_entry_per_epoch_and_the_csv_logger_gets_epsilon(tmp_path):

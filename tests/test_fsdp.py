@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -216,7 +217,9 @@ def _packed_layout_worker(rank: int, world: int, port: int) -> None:
     params = [distribute_tensor(torch.zeros(s, dtype=torch.float64), mesh, [Shard(0)]) for s in shapes]
     g = torch.Generator().manual_seed(rank)
     fulls = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    packed = reduce_scatter_bucket(params, fulls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # torch 2.13 deprecates reduce_scatter_tensor
+        packed = reduce_scatter_bucket(params, fulls)
     for p, full, got in zip(params, fulls, packed):
         # the DTensor path (Partial -> Shard redistribute) is the reference for the packed layout
         expected = reduce_scatter_to_shard(full, p)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_autodp.engines.base import PerSampleEngine, infer_batch_size
+from lightning_autodp.engines.base import PerSampleEngine
 from lightning_autodp.engines.hooks import HooksEngine
+from lightning_autodp.mechanism.batches import infer_batch_size
 
 ENGINE_NAMES: tuple[str, ...] = ("auto", "bk", "ghost", "hooks")
 

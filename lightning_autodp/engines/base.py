@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -147,28 +146,3 @@ def add_into(summed: dict[nn.Parameter, Tensor], param: nn.Parameter, value: Ten
         summed[param].add_(value)
     else:
         summed[param] = value.clone()
-
-
-def infer_batch_size(batch: Any) -> int | None:
-    """The number of examples in a batch of any nesting of tensors, mappings, lists and tuples.
-
-    Dim 0 of every tensor with at least one dim, when they all agree (``(x, y)``, a dict or
-    transformers' ``BatchEncoding`` of ``(B, T)`` tensors); ``None`` when they disagree (a tensor
-    shared by the batch, e.g. ``(1, T)`` position ids) or there is none: the engines then take the
-    batch size from the layers and name any layer whose batch dimension differs.
-    """
-    sizes: set[int] = set()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.dim() > 0:
-                sizes.add(obj.shape[0])
-        elif isinstance(obj, Mapping):
-            for v in obj.values():
-                visit(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v)
-
-    visit(batch)
-    return sizes.pop() if len(sizes) == 1 else None

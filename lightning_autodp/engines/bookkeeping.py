@@ -68,6 +68,7 @@ from lightning_autodp.engines.contributions import (
     weighted_sum_of_weight,
 )
 from lightning_autodp.engines.rule import Handle, LayerRule, find_rule
+from lightning_autodp.integration import _compat
 
 _TRANSFORMER_CONTAINERS = (
     nn.Transformer,
@@ -77,7 +78,7 @@ _TRANSFORMER_CONTAINERS = (
     nn.TransformerDecoderLayer,
 )
 #: layers whose per-example gradients are undefined in training (they mix the examples)
-_REFUSED = (nn.modules.batchnorm._BatchNorm,)
+_REFUSED = (_compat.BATCH_NORM_BASE,)
 
 
 @dataclass

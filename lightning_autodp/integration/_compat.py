@@ -1,30 +1,34 @@
 """Every private Lightning/torch access of lightning-autodp, in one place.
 
-Each function wraps one private attribute or function; ``tests/test_compat.py`` exercises each, so
-a Lightning or torch upgrade that moves one breaks a named test here instead of a training run.
+Each function or constant wraps one private attribute, class or function; ``tests/test_compat.py``
+exercises each, so a Lightning or torch upgrade that moves one breaks a named test here instead of
+a training run. Lightning is imported inside the functions that need it: the engines import the
+torch constants below without pulling in Lightning.
+
+Not routed through here (each is the subclass side of a documented extension point, not a reach
+into someone else's object): ``DPAutoStrategy`` overriding ``DDPStrategy._setup_model`` /
+``_configure_launcher`` and setting ``self._launcher``, and ``PrivacyBudget`` calling
+``Callback._generate_state_key``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
-from lightning.pytorch.strategies.ddp import _sync_module_states
 from torch import nn
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 #: torch's base classes of the batch-statistics norms (BatchNorm*d, SyncBatchNorm; InstanceNorm*d)
 BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 INSTANCE_NORM_BASE: type[nn.Module] = nn.modules.instancenorm._InstanceNorm
 
 
-def distributed_is_initialized() -> bool:
-    """True when torch.distributed is available and a default process group exists."""
-    return _distributed_is_initialized()
-
-
 def sync_module_states(module: nn.Module) -> None:
     """Broadcast rank 0's parameters and buffers to every rank (what DDP's constructor does)."""
+    from lightning.pytorch.strategies.ddp import _sync_module_states
+
     _sync_module_states(module)
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_autodp.integration.strategy import planned_steps, require_dp_auto
 from lightning_autodp.mechanism.accounting import (
     ACCOUNTANTS,
     Accountant,
@@ -18,10 +19,11 @@ from lightning_autodp.mechanism.accounting import (
     Segment,
     merge_segments,
 )
+from lightning_autodp.mechanism.calibration import CalibrationRequest, NoiseCalibrator
 from lightning_autodp.mechanism.step import PrivacyLedger
 
 
-class PrivacyBudget(Callback):
+class PrivacyBudget(Callback, NoiseCalibrator):
     r"""Account the privacy spent by ``dp_auto``, calibrate its noise, stop before a target epsilon.
 
     After every optimizer step the strategy has run one Poisson-subsampled Gaussian mechanism with
@@ -40,9 +42,12 @@ class PrivacyBudget(Callback):
       step would exceed it. Every rank computes the same :math:`T^*` from the same history, so all
       ranks stop together without communicating.
     * **Calibration**: when the strategy has ``noise_multiplier=None`` (or its default ``"auto"``),
-      :math:`\sigma` is chosen in ``on_train_start`` so that the planned run
+      the strategy asks this callback (the
+      :class:`~lightning_autodp.mechanism.calibration.NoiseCalibrator` protocol) once, when
+      training starts, for the :math:`\sigma` with which the planned run
       (``trainer.estimated_stepping_batches``: ``max_epochs`` or ``max_steps``) ends at, or up to
-      1% under, the target.
+      1% under, the target. Every ``on_train_start`` hook already sees that sigma, whatever the
+      order of the callbacks.
     * **Checkpoints**: the ledger is saved with the strategy's state, this callback's history and
       calibrated sigma with its own (under :attr:`state_key`, so several budgets can coexist); a
       resumed run continues from the epsilon already spent. A checkpoint written with a
@@ -64,9 +69,6 @@ class PrivacyBudget(Callback):
         trainer.fit(model, datamodule)
         print(budget.epsilon, budget.history[-1])
     """
-
-    #: tells :class:`~lightning_autodp.DPAutoStrategy` that ``noise_multiplier=None`` is calibrated here
-    calibrates_noise_multiplier = True
 
     def __init__(
         self,
@@ -103,7 +105,7 @@ class PrivacyBudget(Callback):
         self._allowed_steps: int | None = None  # T*: steps after the base this plan allows; None = unlimited
         self._budget_binds = False  # T* is set by the target, not by the end of the search horizon
         self._planned: int | None = None  # steps this fit plans (Trainer's estimate), None = unbounded
-        self._calibrated: float | None = None
+        self._calibrated: float | None = None  # the sigma this callback proposed (kept in checkpoints)
         #: True once this callback stopped training because one more step would exceed the target
         self.stopped_by_budget = False
 
@@ -143,8 +145,6 @@ class PrivacyBudget(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_autodp.integration.strategy import require_dp_auto
-
         require_dp_auto(trainer, "PrivacyBudget accounts the privacy of")
         self._ledger = trainer.strategy.ledger
 
@@ -164,12 +164,9 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget(delta={self.delta}) is not below 1/N = {1.0 / n:.3g} (N={n} examples): "
                 "such a delta allows releasing whole examples. Choose delta well below 1/N, e.g. 1/(10 N)."
             )
-        self._planned = self._planned_steps(trainer)
+        self._planned = planned_steps(trainer)
         self.stopped_by_budget = False
-        if strategy.noise_multiplier is None:
-            _warn_if_run_length_unchosen(trainer, self._calibrated is not None)
-            strategy.set_noise_multiplier(self._calibrate(q, self._planned))
-        self.noise_multiplier = float(strategy.noise_multiplier)
+        self.noise_multiplier = strategy.settle_noise_multiplier()
         self._make_plan(strategy.noise_multiplier, q, self._planned)
         if self._allowed_steps == 0:
             rank_zero_warn(
@@ -320,21 +317,15 @@ class PrivacyBudget(Callback):
 
     # ------------------------------------------------------------------ planning
 
-    @staticmethod
-    def _planned_steps(trainer: pl.Trainer) -> int | None:
-        """Optimizer steps this fit will take if nothing stops it (``None``: unbounded)."""
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            return None
-        return max(int(total) - trainer.global_step, 0)
+    def calibrate_noise_multiplier(self, request: CalibrationRequest) -> float:
+        r"""The smallest sigma (within 1%) with which ``request``'s planned run stays within the target.
 
-    def _calibrate(self, q: float, planned: int | None) -> float:
-        if self._calibrated is not None:
-            # Resuming a calibrated run: keep its sigma, so that it ends where the original would.
-            rank_zero_info(
-                f"PrivacyBudget: noise_multiplier={self._calibrated:.4g} restored from the checkpoint."
-            )
-            return float(self._calibrated)
+        The strategy's question (:class:`~lightning_autodp.mechanism.calibration.NoiseCalibrator`),
+        asked once per fit when training starts: :math:`\sigma` such that the spent segments
+        followed by ``planned_steps`` steps at ``(sigma, sample_rate)`` give
+        :math:`0.99\,\varepsilon_{\text{target}} \le \varepsilon \le \varepsilon_{\text{target}}`.
+        """
+        q, planned, spent = request.sample_rate, request.planned_steps, list(request.spent)
         if self.target_epsilon is None:
             raise ValueError(
                 "PrivacyBudget has no target_epsilon to calibrate the noise multiplier for: set "
@@ -355,11 +346,11 @@ class PrivacyBudget(Callback):
             # RDP's floor (about 0.1 at delta=1e-5) PRV still certifies: it then searches alone.
             with contextlib.suppress(ValueError):
                 start = Accountant("rdp", self.delta).calibrate_noise_multiplier(
-                    self.segments, q, steps, self.target_epsilon
+                    spent, q, steps, self.target_epsilon
                 )
         try:
             sigma = self._accountant.calibrate_noise_multiplier(
-                self.segments, q, steps, self.target_epsilon, start=start
+                spent, q, steps, self.target_epsilon, start=start
             )
         except ValueError as err:
             raise ValueError(
@@ -370,7 +361,7 @@ class PrivacyBudget(Callback):
                 "RDP none below about 0.1 at delta=1e-5."
             ) from err
         self._calibrated = sigma
-        planned_eps = self._accountant.epsilon([*self.segments, (sigma, q, planned)])
+        planned_eps = self._accountant.epsilon([*spent, (sigma, q, planned)])
         rank_zero_info(
             f"PrivacyBudget: noise_multiplier={sigma:.4g} calibrated for epsilon={planned_eps:.4g} "
             f"(target {self.target_epsilon}) at delta={self.delta:g} over {planned} steps with q={q:.4g} "
@@ -396,24 +387,3 @@ class PrivacyBudget(Callback):
                 f"but training continues past the {self._planned} steps the Trainer planned. Training is "
                 "stopped here; set Trainer(max_epochs=...) or max_steps so that the plan is known."
             )
-
-
-#: what Lightning plans when neither ``max_epochs`` nor ``max_steps`` is given
-_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
-
-
-def _warn_if_run_length_unchosen(trainer: pl.Trainer, restoring: bool) -> None:
-    """Warn when sigma is about to be calibrated for Lightning's default of 1000 epochs.
-
-    Lightning replaces an unset ``max_epochs`` by 1000 before any callback runs, so the two cannot be
-    told apart here: 1000 epochs with ``max_steps=-1`` is taken as the user not choosing.
-    """
-    if restoring or trainer.max_steps != -1 or trainer.max_epochs != _LIGHTNING_DEFAULT_MAX_EPOCHS:
-        return
-    rank_zero_warn(
-        "PrivacyBudget calibrates the noise multiplier for the planned run, and this Trainer plans "
-        "max_epochs=1000, Lightning's default when neither max_epochs nor max_steps is set: sigma will "
-        "be large enough for 1000 epochs. Set Trainer(max_epochs=...) or Trainer(max_steps=...) to the "
-        "run you want; or, to train until the budget is spent, fix sigma with "
-        "DPAutoStrategy(noise_multiplier=1.0) and Trainer(max_epochs=-1)."
-    )

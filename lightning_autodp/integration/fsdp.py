@@ -42,9 +42,11 @@ from typing_extensions import override
 from lightning_autodp.engines.bookkeeping import BookKeepingEngine
 from lightning_autodp.integration import _compat
 from lightning_autodp.integration.strategy import CHECKPOINT_KEY, DPAutoStrategy
+from lightning_autodp.mechanism import distributed
+from lightning_autodp.mechanism.batches import size_or_reason, slice_batch
 from lightning_autodp.mechanism.sampling import EmptyBatch
 from lightning_autodp.mechanism.sharded import ShardedDPStep, ShardedLayout, check_shardable
-from lightning_autodp.safeguards.verify import GradientLayout, logging_off, size_or_reason, slice_batch
+from lightning_autodp.safeguards.verify import GradientLayout, logging_off
 
 #: the engines whose per-example work needs no per-example gradient (so none is sharded)
 SHARDED_ENGINES = ("auto", "bk", "ghost")
@@ -127,7 +129,7 @@ class DPFSDPStrategy(DPAutoStrategy):
     @property
     def is_sharded(self) -> bool:
         """True when the model is split over more than one process."""
-        return self.world_size > 1 and _compat.distributed_is_initialized()
+        return self.runs_distributed
 
     # ------------------------------------------------------------------ sharding
 
@@ -204,7 +206,7 @@ class DPFSDPStrategy(DPAutoStrategy):
             args = (sub_batch, *args[1:])
         else:
             kwargs = {**kwargs, "batch": sub_batch}
-        sharded = ShardedLayout(self.world_size, _all_reduce_sum)
+        sharded = ShardedLayout(self.world_size, distributed.all_reduce_sum)
         return super().verify_first_batch(args, kwargs, empty=False, layout=sharded)
 
     # ------------------------------------------------------------------ the run
@@ -272,7 +274,7 @@ class DPFSDPStrategy(DPAutoStrategy):
         if not self._model_is_sharded():
             return super().optimizer_state(optimizer)
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         options = StateDictOptions() if self.sharded_checkpoint else _FULL_ON_RANK0
         return get_optimizer_state_dict(self.model, optimizer, options=options)
 
@@ -359,10 +361,6 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
         if isinstance(sub, nn.ModuleList):
             blocks.extend(b for b in sub if any(p.requires_grad for p in b.parameters()))
     return blocks
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 __all__ = ["DPFSDPStrategy"]

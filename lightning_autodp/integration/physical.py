@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightning_autodp.mechanism.batches import size_or_reason, slice_batch
 from lightning_autodp.mechanism.sampling import EmptyBatch
-from lightning_autodp.safeguards.verify import size_or_reason, slice_batch
 
 if TYPE_CHECKING:
     from lightning_autodp.integration.strategy import DPAutoStrategy

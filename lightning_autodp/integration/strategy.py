@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -29,8 +30,12 @@ from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, infer_batch_size, make_engine
+from lightning_autodp.engines import ENGINE_NAMES, PerSampleEngine, make_engine
 from lightning_autodp.integration import _compat, compiled, physical, summary
+from lightning_autodp.mechanism import distributed
+from lightning_autodp.mechanism.accounting import merge_segments
+from lightning_autodp.mechanism.batches import infer_batch_size
+from lightning_autodp.mechanism.calibration import CalibrationRequest, NoiseCalibrator
 from lightning_autodp.mechanism.clipping import (
     DEFAULT_CLIPPING,
     ClippingMode,
@@ -96,7 +101,10 @@ class DPAutoStrategy(DDPStrategy):
         noise_multiplier: :math:`\sigma`. ``"auto"`` (default): chosen by a
             :class:`~lightning_autodp.PrivacyBudget` callback for its target epsilon, or 1.0 when
             there is none (a resumed run keeps the checkpoint's sigma). ``None``: must be
-            calibrated by such a callback. Fixed once the first step of a fit is taken.
+            calibrated by such a callback. The strategy asks the callback once, when training
+            starts (any :class:`~lightning_autodp.mechanism.calibration.NoiseCalibrator`), so
+            every ``on_train_start`` hook sees the calibrated value. Fixed once the first step of
+            a fit is taken.
         clipping: ``"psac"`` (default) :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples
             keep small gradients), ``"auto_s"`` :math:`R/(\|g_i\|+\gamma)`,
             ``"auto_v"`` :math:`R/\|g_i\|`,
@@ -151,8 +159,8 @@ class DPAutoStrategy(DDPStrategy):
             clipped, noised sums itself).
 
     Attributes:
-        noise_multiplier: :math:`\sigma` in use: a float once ``fit`` has started (after
-            :class:`~lightning_autodp.PrivacyBudget` calibrated it), else as passed.
+        noise_multiplier: :math:`\sigma` in use: a float once training has started (calibrated
+            then if it was left to a :class:`~lightning_autodp.PrivacyBudget`), else as passed.
         steps: optimizer steps taken so far (each one spent privacy); the same on every rank.
         dataset_size: :math:`N`, the number of training examples (known once the training
             DataLoader is set up).
@@ -284,6 +292,9 @@ class DPAutoStrategy(DDPStrategy):
         self._capture: contextlib.ExitStack | None = None
         self._fitting = False
         self._steps_at_fit_start: int | None = None  # ledger steps when this fit began; None: not fitting
+        self._calibrator: NoiseCalibrator | None = None  # to be asked for sigma when training starts
+        self._accounted_by_calibrator = False  # this fit has a calibrator: its checkpoints need one
+        self._restored_with_calibrator = False  # the restored checkpoint was written with one
         self._poisson_loader: Any = None
         self._step_context: StepContext | None = None
         self._param_names: dict[nn.Parameter, str] = {}
@@ -326,16 +337,27 @@ class DPAutoStrategy(DDPStrategy):
     # ------------------------------------------------------------------ properties
 
     @property
+    def runs_distributed(self) -> bool:
+        """True when this strategy runs on several processes joined in a process group."""
+        return self.world_size > 1 and distributed.initialized()
+
+    @property
     def steps(self) -> int:
         """Optimizer steps taken (each one consumed privacy), identical on every rank: ``ledger.steps``."""
         return self.ledger.steps
 
     @property
     def noise_multiplier(self) -> float | None | str:
-        r""":math:`\sigma` of the coming steps (``"auto"``/None until resolved at the start of fit).
+        r""":math:`\sigma` of the coming steps: a float once training starts, else as passed.
 
+        A sigma left to a calibrator (``"auto"``/None with a :class:`~lightning_autodp.PrivacyBudget`)
+        is settled by :meth:`settle_noise_multiplier` when training starts: by the first reader
+        once the training data is set up (e.g. any callback's ``on_train_start``, whatever the
+        order of the callbacks), at the latest in this strategy's own ``on_train_start``.
         Setting it is :meth:`set_noise_multiplier`: allowed until the first step of a fit.
         """
+        if self._calibrator is not None and self._training_data_ready():
+            self.settle_noise_multiplier()
         return self._noise_multiplier
 
     @noise_multiplier.setter
@@ -356,6 +378,7 @@ class DPAutoStrategy(DDPStrategy):
             )
         _check_noise_multiplier(sigma)
         self._noise_multiplier = float(sigma)
+        self._calibrator = None  # a sigma set explicitly is not recalibrated
 
     @property
     def verification_pending(self) -> bool:
@@ -475,7 +498,7 @@ class DPAutoStrategy(DDPStrategy):
         that distribute the module differently (:class:`~lightning_autodp.DPFSDPStrategy` shards
         it) override this.
         """
-        if self.world_size > 1 and _compat.distributed_is_initialized():
+        if self.runs_distributed:
             _compat.sync_module_states(module)
 
     def _validate_trainer(self, trainer: pl.Trainer) -> None:
@@ -503,11 +526,18 @@ class DPAutoStrategy(DDPStrategy):
             )
 
     def _resolve_noise_multiplier(self, trainer: pl.Trainer) -> None:
-        """Fix sigma before the fit: the user's number, the checkpoint's, a callback's, or 1.0."""
-        calibrator = any(getattr(cb, "calibrates_noise_multiplier", False) for cb in trainer.callbacks)
+        """Decide where this fit's sigma comes from, before the fit: every source in one place.
+
+        In order: a restored privacy ledger (a resumed run keeps the sigma it was trained and
+        accounted with, unless the user passed a number), the user's number, a
+        :class:`~lightning_autodp.mechanism.calibration.NoiseCalibrator` among the callbacks (asked
+        by :meth:`settle_noise_multiplier` once ``q`` and the planned steps are known), else 1.0.
+        """
+        calibrator = find_calibrator(trainer.callbacks)
+        self._refuse_resume_without_calibrator(calibrator)
+        self._calibrator = None
         restored = self.ledger.last[0] if self.ledger.last is not None else None
         if self._noise_multiplier in (AUTO, None) and restored is not None:
-            # A resumed run keeps the sigma it was trained (and accounted) with.
             rank_zero_info(f"dp_auto: noise_multiplier={restored:.6g} restored from the privacy ledger.")
             self._noise_multiplier = restored
         elif (
@@ -519,14 +549,66 @@ class DPAutoStrategy(DDPStrategy):
                 f"dp_auto resumes with noise_multiplier={self._noise_multiplier}, but the checkpoint's steps "
                 f"ran with {restored}: the privacy ledger starts a new segment with the new sigma."
             )
-        if self._noise_multiplier == AUTO:
-            self._noise_multiplier = None if calibrator else _DEFAULT_NOISE_MULTIPLIER
-        if self._noise_multiplier is None and not calibrator:
+        if self._noise_multiplier in (AUTO, None):
+            if calibrator is not None:
+                self._calibrator = calibrator  # asked once q and the planned steps are known
+            elif self._noise_multiplier == AUTO:
+                self._noise_multiplier = _DEFAULT_NOISE_MULTIPLIER
+            else:
+                raise ValueError(
+                    "DPAutoStrategy(noise_multiplier=None) needs a callback that calibrates it: add "
+                    "lightning_autodp.PrivacyBudget(target_epsilon=..., delta=...) to "
+                    "Trainer(callbacks=...), or pass a number, e.g. DPAutoStrategy(noise_multiplier=1.0)."
+                )
+        self._accounted_by_calibrator = calibrator is not None
+
+    def _refuse_resume_without_calibrator(self, calibrator: NoiseCalibrator | None) -> None:
+        """A run accounted by a PrivacyBudget must be resumed with one: epsilon must not go unreported."""
+        if self._restored_with_calibrator and calibrator is None:
             raise ValueError(
-                "DPAutoStrategy(noise_multiplier=None) needs a callback that calibrates it: add "
-                "lightning_autodp.PrivacyBudget(target_epsilon=..., delta=...) to Trainer(callbacks=...), "
-                "or pass a number, e.g. DPAutoStrategy(noise_multiplier=1.0)."
+                "The checkpoint was trained with a PrivacyBudget, but this Trainer has none: the resumed "
+                "run's epsilon would go unreported. Add the same PrivacyBudget(target_epsilon=..., "
+                "delta=..., accountant=...) to Trainer(callbacks=...); the spent budget is restored from "
+                "the checkpoint's privacy ledger."
             )
+
+    def _training_data_ready(self) -> bool:
+        """True once fit's training DataLoader is set up: ``q`` and the planned steps are known."""
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        return (
+            self._fitting
+            and self._sample_rate is not None
+            and trainer is not None
+            and trainer.train_dataloader is not None
+        )
+
+    def settle_noise_multiplier(self) -> float:
+        """Ask the calibrator for this fit's sigma, once, if it was left to one; return sigma.
+
+        Called when training starts (see :attr:`noise_multiplier`); the request holds ``q``, the
+        planned optimizer steps of this fit and what the ledger already spent, so the answer does
+        not depend on which hook asked first.
+        """
+        calibrator, self._calibrator = self._calibrator, None
+        if calibrator is not None:
+            trainer = self.lightning_module.trainer
+            planned = planned_steps(trainer)
+            _warn_if_run_length_unchosen(trainer)
+            request = CalibrationRequest(
+                sample_rate=self.sample_rate,
+                planned_steps=planned,
+                spent=tuple(merge_segments(self.ledger.accountable_segments())),
+            )
+            sigma = calibrator.calibrate_noise_multiplier(request)
+            _check_noise_multiplier(sigma)
+            self._noise_multiplier = float(sigma)
+        if not isinstance(self._noise_multiplier, float):
+            raise RuntimeError(
+                "dp_auto's noise_multiplier is settled when training starts; it was read before "
+                "(e.g. in setup or on_fit_start), when it is not known yet."
+            )
+        return self._noise_multiplier
 
     def _resolve_seed(self) -> None:
         """The seed of this fit: the user's, else the checkpoint's, else the run's."""
@@ -600,7 +682,8 @@ class DPAutoStrategy(DDPStrategy):
         """
         super().on_train_start()
         trainer = self.lightning_module.trainer
-        summary.log_start_line(self, trainer)  # [firsthour] after callbacks' on_train_start: sigma is known
+        self.settle_noise_multiplier()  # if no callback has read it yet
+        summary.log_start_line(self, trainer)
         if self._poisson_loader is None or not _compat.fit_loop_restarting(trainer):
             return
         processed = _compat.batches_processed_in_epoch(trainer)
@@ -610,7 +693,7 @@ class DPAutoStrategy(DDPStrategy):
     def on_train_end(self) -> None:
         """Print the end-of-fit line: sigma, q, steps, epsilon at delta, and why training stopped."""
         super().on_train_end()
-        summary.log_fit_summary(self, self.lightning_module.trainer)  # [firsthour] after callbacks' hooks
+        summary.log_fit_summary(self, self.lightning_module.trainer)  # after the callbacks' on_train_end
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
@@ -626,7 +709,12 @@ class DPAutoStrategy(DDPStrategy):
 
         In seeded mode the seed is as secret as the noise: keep checkpoints private.
         """
-        return {"ledger": self.ledger.state_dict(), "seed": self._seed, "secure_mode": self.secure_mode}
+        return {
+            "ledger": self.ledger.state_dict(),
+            "seed": self._seed,
+            "secure_mode": self.secure_mode,
+            "calibrator": self._accounted_by_calibrator,
+        }
 
     def load_dp_state_dict(self, state: dict[str, Any]) -> None:
         if "ledger" in state:
@@ -637,6 +725,7 @@ class DPAutoStrategy(DDPStrategy):
                 "its steps cannot be accounted. Resume with the version that wrote it, or start a new run."
             )
         self._restored_seed = state.get("seed")
+        self._restored_with_calibrator = bool(state.get("calibrator", False))
 
     @override
     def save_checkpoint(
@@ -653,26 +742,10 @@ class DPAutoStrategy(DDPStrategy):
         return checkpoint
 
     def restore_dp_state(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the privacy state of a loaded checkpoint; refuse a budgeted run without a budget.
-
-        A run accounted by PrivacyBudget must be resumed with one: epsilon must not go unreported.
-        """
+        """Restore the privacy state of a loaded checkpoint (the sigma it implies is settled in setup)."""
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None:
             self.load_dp_state_dict(state)
-        saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith("PrivacyBudget")]
-        module = self.lightning_module
-        trainer = module.trainer if module is not None else None
-        if not saved or trainer is None:
-            return
-        if not any(getattr(cb, "calibrates_noise_multiplier", False) for cb in trainer.callbacks):
-            raise ValueError(
-                f"The checkpoint was trained with a PrivacyBudget ({saved[0]}), but this Trainer has none: "
-                "the "
-                "resumed run's epsilon would go unreported. Add the same PrivacyBudget(target_epsilon=..., "
-                "delta=..., accountant=...) to Trainer(callbacks=...); the spent budget is restored from the "
-                "checkpoint's privacy ledger."
-            )
 
     # ------------------------------------------------------------------ the training step
 
@@ -741,9 +814,9 @@ class DPAutoStrategy(DDPStrategy):
             check_clipping_bound(self._dp_step, self.max_grad_norm)
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks too
             failure = err
-        if self.world_size > 1 and _compat.distributed_is_initialized():
+        if self.runs_distributed:
             failed = torch.tensor([float(failure is not None)], device=self.root_device)
-            _all_reduce_sum(failed)
+            distributed.all_reduce_sum(failed)
             if failure is None and failed.item() > 0:
                 raise EngineVerificationError(
                     f"dp_auto's verification before the first update failed on {int(failed.item())} other "
@@ -841,15 +914,9 @@ class DPAutoStrategy(DDPStrategy):
         """
         dp_step, noise = self._dp_step, self._noise
         assert dp_step is not None and noise is not None
-        sigma = self._noise_multiplier
-        if not isinstance(sigma, float):
-            raise RuntimeError(
-                "dp_auto has no noise_multiplier at the first optimizer step; the PrivacyBudget callback "
-                "should have calibrated it in on_train_start."
-            )
-        distributed = self.world_size > 1 and _compat.distributed_is_initialized()
+        sigma = self.settle_noise_multiplier()  # settled in on_train_start; a no-op here
         scaler = _compat.grad_scaler(self.precision_plugin)
-        ctx = self._step_context = self._make_step_context(sigma, distributed, scaler)
+        ctx = self._step_context = self._make_step_context(sigma, scaler)
         observers = self.observers
         if ctx.fit_step == 0:
             for observer in observers:
@@ -866,7 +933,7 @@ class DPAutoStrategy(DDPStrategy):
             noise=noise if dp_step.every_rank_draws_noise or self.global_rank == 0 else None,
             ledger=self.ledger,
             divisor=self.expected_batch_size if self.poisson_sampling else None,
-            reduce=_all_reduce_sum if distributed else None,
+            reduce=distributed.all_reduce_sum if self.runs_distributed else None,
             bucket_mb=self.bucket_cap_mb,
             grad_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
         )
@@ -875,7 +942,7 @@ class DPAutoStrategy(DDPStrategy):
         for observer in observers:
             observer.after_privatize(ctx, divisor, examples)
 
-    def _make_step_context(self, sigma: float, distributed: bool, scaler: Any) -> StepContext:
+    def _make_step_context(self, sigma: float, scaler: Any) -> StepContext:
         """What the step observers may read about the step about to be privatized."""
         assert self._dp_step is not None
         fit_start = self._steps_at_fit_start or 0
@@ -891,7 +958,7 @@ class DPAutoStrategy(DDPStrategy):
             fit_step=self.ledger.steps - fit_start,
             rank=self.global_rank,
             world_size=self.world_size,
-            reduce=_all_reduce_sum if distributed else None,
+            reduce=distributed.all_reduce_sum if self.runs_distributed else None,
             ledger=self.ledger,
             grad_scaler=scaler,
             optimizers=self.optimizers,
@@ -913,6 +980,7 @@ class DPAutoStrategy(DDPStrategy):
             self._dp_step.clear()
             self._dp_step = None
         self._steps_at_fit_start = None
+        self._calibrator = None  # a fit that failed before training started asks no one afterwards
         super().teardown()
 
 
@@ -939,14 +1007,44 @@ def _destroy_process_group_at_exit() -> None:
     """
 
     def destroy() -> None:
-        if dist.is_available() and dist.is_initialized():
+        if distributed.initialized():
             dist.destroy_process_group()
 
     atexit.register(destroy)
 
 
-def _all_reduce_sum(tensor: Tensor) -> None:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def find_calibrator(callbacks: list[pl.Callback]) -> NoiseCalibrator | None:
+    """The first callback that implements :class:`NoiseCalibrator` (a PrivacyBudget), else None."""
+    return next((cb for cb in callbacks if isinstance(cb, NoiseCalibrator)), None)
+
+
+def planned_steps(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps this fit will take if nothing stops it (``None``: unbounded)."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        return None
+    return max(int(total) - trainer.global_step, 0)
+
+
+#: what Lightning plans when neither ``max_epochs`` nor ``max_steps`` is given
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
+
+def _warn_if_run_length_unchosen(trainer: pl.Trainer) -> None:
+    """Warn when sigma is about to be calibrated for Lightning's default of 1000 epochs.
+
+    Lightning replaces an unset ``max_epochs`` by 1000 before any callback runs, so the two cannot be
+    told apart here: 1000 epochs with ``max_steps=-1`` is taken as the user not choosing.
+    """
+    if trainer.max_steps != -1 or trainer.max_epochs != _LIGHTNING_DEFAULT_MAX_EPOCHS:
+        return
+    rank_zero_warn(
+        "PrivacyBudget calibrates the noise multiplier for the planned run, and this Trainer plans "
+        "max_epochs=1000, Lightning's default when neither max_epochs nor max_steps is set: sigma will "
+        "be large enough for 1000 epochs. Set Trainer(max_epochs=...) or Trainer(max_steps=...) to the "
+        "run you want; or, to train until the budget is spent, fix sigma with "
+        "DPAutoStrategy(noise_multiplier=1.0) and Trainer(max_epochs=-1)."
+    )
 
 
 def _check_noise_multiplier(sigma: object) -> None:

@@ -82,11 +82,11 @@ def format_fit_summary(s: FitSummary) -> str:
 
 
 def find_budget(trainer: pl.Trainer) -> Any | None:
-    """The PrivacyBudget-like callback (duck-typed: it calibrates sigma and reports ``epsilon``)."""
-    for cb in trainer.callbacks:
-        if getattr(cb, "calibrates_noise_multiplier", False) and hasattr(cb, "epsilon"):
-            return cb
-    return None
+    """The Trainer's first :class:`~lightning_autodp.PrivacyBudget` (the one that calibrates sigma)."""
+    # imported here: the callback imports the strategy, which imports this module
+    from lightning_autodp.integration.callbacks import PrivacyBudget
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyBudget)), None)
 
 
 def stop_reason(trainer: pl.Trainer, budget: Any | None = None) -> str:
@@ -182,5 +182,5 @@ def format_start_line(strategy: Any, planned_steps: float) -> str:
 
 
 def log_start_line(strategy: Any, trainer: pl.Trainer) -> None:
-    """Print the start-of-fit line on rank 0, once sigma is known (after callbacks' on_train_start)."""
+    """Print the start-of-fit line on rank 0, once sigma is settled (the strategy's on_train_start)."""
     rank_zero_info(format_start_line(strategy, trainer.estimated_stepping_batches))

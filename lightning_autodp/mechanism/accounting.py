@@ -157,7 +157,7 @@ class Accountant:
         target_epsilon: float,
         horizon: int,
     ) -> int:
-        """The largest ``T`` in ``[0, horizon]`` with ``epsilon(done + [(sigma, q, T)]) <= target``.
+        r"""The largest ``T`` in ``[0, horizon]`` with ``epsilon(done + [(sigma, q, T)]) <= target``.
 
         Epsilon grows with ``T`` and :math:`\log\varepsilon` is close to linear in :math:`\log T`,
         so the bracket ``[lo, hi]`` (``lo`` within the target, ``hi`` beyond it) is narrowed by

@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial, Shard
 
 from lightning_autodp.engines.base import PerSampleEngine
+from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.clipping import ClippingMode
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep
 from lightning_autodp.safeguards.verify import GradientLayout
@@ -114,7 +114,7 @@ def reduce_scatter_bucket(params: Sequence[Tensor], fulls: Sequence[Tensor]) -> 
                 per_rank.append(padded.view(world, -1))
             flat = torch.cat(per_rank, dim=1).reshape(-1)
             mine = flat.new_empty(flat.numel() // world)
-            dist.reduce_scatter_tensor(mine, flat, group=mesh.get_group())
+            distributed.reduce_scatter_sum(mine, flat, group=mesh.get_group())
             offset = 0
             for i, c in zip(idx, rows):
                 rest = params[i].shape[1:]
@@ -178,7 +178,7 @@ class ShardedDPStep(DPStep):
             loss_fn(model(x), y).backward()
         step.clip_and_accumulate(engine, scale=1 / len(x))       # a collective per parameter
         step.privatize(sigma=1.0, q=q, noise=NoiseSource(seed, rank), divisor=q * N, ledger=ledger,
-                       reduce=lambda t: dist.all_reduce(t))
+                       reduce=distributed.all_reduce_sum)
         optimizer.step()
     """
 
@@ -202,8 +202,8 @@ class ShardedDPStep(DPStep):
         #: the next captured micro-batch is a placeholder run only to join FSDP's collectives (this
         #: rank drew no example): it contributes nothing, exactly (set by the strategy)
         self.discard_next = False
-        if all_reduce is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            all_reduce = _all_reduce_sum
+        if all_reduce is None and distributed.is_distributed():
+            all_reduce = distributed.all_reduce_sum
         #: sums a tensor over ranks in place (default: ``dist.all_reduce`` when there are several)
         self.all_reduce = all_reduce
 
@@ -321,10 +321,6 @@ class ShardedLayout(GradientLayout):
                 full = torch.zeros(p.shape, dtype=_sum_dtype(p), device=local_part(p).device)
             out[p] = reduce_scatter_to_shard(full.to(_sum_dtype(p)), p) / self.world_size
         return out
-
-
-def _all_reduce_sum(tensor: Tensor) -> None:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def _sum_dtype(p: Tensor) -> torch.dtype:

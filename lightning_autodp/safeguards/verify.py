@@ -63,7 +63,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_autodp.engines.base import PerSampleEngine, infer_batch_size
+from lightning_autodp.engines.base import PerSampleEngine
+from lightning_autodp.mechanism.batches import (
+    Unsliceable,
+    batch_size_of,
+    infer_batch_size,
+    slice_batch,
+)
 
 #: examples of the first micro-batch checked by default
 DEFAULT_EXAMPLES = 4
@@ -75,10 +81,6 @@ _FLOOR = 1e-2
 
 class EngineVerificationError(RuntimeError):
     """The engine's per-example norms or clipped sum disagree with a per-example loop."""
-
-
-class _Unsliceable(Exception):
-    """The batch cannot be cut into examples (the message says why)."""
 
 
 @dataclass
@@ -101,78 +103,6 @@ def check_verify_args(verify: bool, verify_examples: int) -> None:
             f"verify_examples must be an integer >= 1 (examples of the first micro-batch checked), "
             f"got {verify_examples!r}. Use verify=False to turn the verification off."
         )
-
-
-# ---------------------------------------------------------------------------------- batches
-
-
-def _tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """``fn`` on every leaf of nested tuples, lists and mappings, keeping the containers' types."""
-    if isinstance(tree, Mapping):
-        items = {key: _tree_map(fn, value) for key, value in tree.items()}
-        try:
-            return type(tree)(items)
-        except TypeError:
-            return items
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
-        return type(tree)(*(_tree_map(fn, v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_tree_map(fn, v) for v in tree)
-    return fn(tree)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    out: list[Any] = []
-    _tree_map(out.append, tree)
-    return out
-
-
-def _sequences(tree: Any) -> Iterator[tuple | list]:
-    if isinstance(tree, Mapping):
-        for value in tree.values():
-            yield from _sequences(value)
-    elif isinstance(tree, (tuple, list)):
-        yield tree
-        for value in tree:
-            yield from _sequences(value)
-
-
-def batch_size_of(batch: Any) -> int:
-    """The batch size: dim 0 of the first tensor leaf (raises :class:`_Unsliceable` if there is none)."""
-    tensors = [leaf for leaf in _leaves(batch) if isinstance(leaf, Tensor)]
-    if not tensors:
-        raise _Unsliceable("the batch contains no tensor")
-    if tensors[0].dim() == 0:
-        raise _Unsliceable("its first tensor is a scalar, so the batch size is unknown")
-    size = tensors[0].shape[0]
-    for seq in _sequences(batch):
-        values = list(seq)
-        if len(values) == size and values and all(isinstance(v, (str, bytes, int, float)) for v in values):
-            raise _Unsliceable(
-                f"it holds a list of {size} Python values (e.g. strings) that may be one per example; "
-                "tokenize in the DataLoader's collate_fn so that every per-example field is a tensor"
-            )
-    return size
-
-
-def size_or_reason(batch: Any) -> tuple[int | None, str | None]:
-    """``(batch size, None)``, or ``(None, why the batch cannot be cut into examples)``."""
-    try:
-        return batch_size_of(batch), None
-    except _Unsliceable as why:
-        return None, str(why)
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of ``batch``: every tensor leaf whose dim 0 is the batch size is sliced."""
-    size = batch_size_of(batch)
-
-    def cut(leaf: Any) -> Any:
-        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size:
-            return leaf[start:stop]
-        return leaf
-
-    return _tree_map(cut, batch)
 
 
 # ---------------------------------------------------------------------------------- isolation
@@ -387,7 +317,7 @@ def verify_engine(
     batch = args[0] if in_args else step_kwargs.get("batch")
     try:
         k = min(examples, batch_size_of(batch))
-    except _Unsliceable as why:
+    except Unsliceable as why:
         return _skip(f"dp_auto could not verify engine={engine.name!r}: {why}.")
 
     def step(b: Any) -> Any:

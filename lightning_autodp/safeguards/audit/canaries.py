@@ -312,10 +312,9 @@ def audit_lower_bound(trainer: pl.Trainer) -> float | None:
 
 
 def _find_budget(trainer: pl.Trainer) -> Any | None:
-    for cb in trainer.callbacks:
-        if getattr(cb, "calibrates_noise_multiplier", False) and hasattr(cb, "epsilon"):
-            return cb
-    return None
+    from lightning_autodp.integration.summary import find_budget
+
+    return find_budget(trainer)
 
 
 def _audit_seed(seed: int) -> int:
