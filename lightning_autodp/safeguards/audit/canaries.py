@@ -35,12 +35,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.observers import StepContext, StepObserver, VirtualExamples
 from lightning_autodp.safeguards.audit.bound import SAMPLING_FALSE_ALARM, AuditResult, audit_scores
 from lightning_autodp.safeguards.checks import binomial_p_value
@@ -152,11 +152,10 @@ class GradientCanaries(StepObserver):
     def scores(self) -> np.ndarray:
         r"""``s_j = -sign_j (theta_T - theta_0)[c_j]``, the final coordinates averaged over ranks."""
         final = self._coordinates()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = self.params[0].device
-            final_dev = final.to(device)
-            dist.all_reduce(final_dev, op=dist.ReduceOp.SUM)
-            final = final_dev.cpu() / dist.get_world_size()
+        if distributed.is_distributed():
+            final_dev = final.to(self.params[0].device)
+            distributed.all_reduce_sum(final_dev)
+            final = final_dev.cpu() / distributed.world_size()
         return (-(self.sign) * (final - self.initial)).numpy()
 
 
