@@ -82,6 +82,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lightning_autodp.mechanism.clipping import DEFAULT_CLIPPING, resolve_gamma
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
@@ -144,7 +146,7 @@ TASKS: dict[str, TaskSpec] = {
     "text": TaskSpec("test_acc", "val_acc", True, 256, 3, (3e-3, 1e-2), (0.1, 0.3)),
 }
 
-# (clipping, gamma, R): the package default first.
+# (clipping, gamma, R): AUTO-S gamma 0.01 (the package default when these grids ran) first.
 METHODS_FULL: tuple[tuple[str, float, float], ...] = (
     ("auto_s", 0.01, 1.0),
     ("auto_s", 0.1, 1.0),
@@ -156,12 +158,18 @@ METHODS_FULL: tuple[tuple[str, float, float], ...] = (
     ("abadi", 0.01, 10.0),
 )
 METHODS_SMOKE = (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0))
-#: The package default's label in the tables (``Config.method`` of ``METHODS_FULL[0]``).
-DEFAULT_METHOD = "auto_s g=0.01"
+#: AUTO-S at gamma 0.01 (``Config.method`` of ``METHODS_FULL[0]``): the package default until PSAC r = 1,
+#: and the reference every grid ran.
+AUTO_S_METHOD = "auto_s g=0.01"
 #: DP-PSAC at r = 0.1, its default until ``--grid psac_r`` measured r = 1 (the default now).
 PSAC = ("psac", 0.1, 1.0)
 #: DP-PSAC at its default r = 1 (``DPAutoStrategy(clipping="psac")``).
 PSAC_R1 = ("psac", 1.0, 1.0)
+#: The package default's label in the tables: ``Config.method`` of the clipping and gamma that
+#: ``DPAutoStrategy()`` uses when none is named (at R = 1, as every grid ran it).
+DEFAULT_METHOD = Config(
+    "", "", 0.0, DEFAULT_CLIPPING, resolve_gamma(DEFAULT_CLIPPING, None), 1.0, "", 0, 0, 0, 0
+).method
 
 
 def _main_grid(
@@ -815,7 +823,7 @@ def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | 
         "",
         *fixed_abadi_table(records),
         "",
-        "## PSAC (clipping='psac', r = 0.1) against tuned Abadi and the default",
+        "## PSAC (clipping='psac', r = 0.1) against tuned Abadi and AUTO-S (gamma 0.01)",
         "",
         "Where PSAC ran (`--grid psac`): each method at its own tuned lr, Abadi's R chosen by validation; "
         "paired differences over seeds +- SE (positive: PSAC is better).",
@@ -826,7 +834,7 @@ def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | 
         "",
         "PSAC with r = 1 (`clipping='psac'`'s default) where it ran at r = 0.1 (same lr trials and seeds; "
         "r = 3 at epsilon 1 on digits). "
-        "Against tuned Abadi and the default as above:",
+        "Against tuned Abadi and AUTO-S (gamma 0.01) as above:",
         "",
         *tables["psac-table"],
         "",
@@ -864,7 +872,7 @@ def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | 
         ]
         for method, s in rows:
             mark = " **best**" if method == best[0] else ""
-            default = " (default)" if method == DEFAULT_METHOD else ""
+            default = " (default)" if method == DEFAULT_METHOD else ""  # DPAutoStrategy()'s clipping
             lines.append(
                 f"| {method}{default} | {s['lr']:g} | {s['mean']:.4f} +- {s['std']:.4f} ({s['n']}){mark} "
                 f"| {s['val']:.4f} | {s['sigma']:.3f} | {s['steps']} | {s['trials']} |"
@@ -891,37 +899,46 @@ def _row_start(table: tuple) -> str:
 
 
 def overview_table(records: list[dict[str, Any]]) -> list[str]:
-    """One line per table: the default, the best AUTO-S gamma, Abadi with R chosen by validation.
+    """One line per table: the default, AUTO-S gamma 0.01, the best AUTO-S gamma, Abadi with R chosen
+    by validation.
 
-    Each at its own tuned learning rate; "default - Abadi" is the mean paired difference over seeds
-    (positive = the default is better) +- its standard error.
+    Each at its own tuned learning rate; "X - Abadi" is the mean paired difference over seeds
+    (positive = X is better) +- its standard error. Where the default did not run: "-".
     """
     tables = _methods_by_table(summarise(records))
     machines = _machines(records)
     lines = [
-        "| task | eps | optimizer | batch x epochs | metric | AUTO-S default (gamma 0.01) "
-        "| best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) | seeds | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| task | eps | optimizer | batch x epochs | metric | default ({DEFAULT_METHOD.replace('=', ' ')}) "
+        "| AUTO-S gamma 0.01 | best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) "
+        "| AUTO-S 0.01 - Abadi | seeds | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
-        default = methods.get(DEFAULT_METHOD)
+        default, auto_s = methods.get(DEFAULT_METHOD), methods.get(AUTO_S_METHOD)
         best_abadi = _best_of(methods.items(), "abadi", sign)
-        if default is None or best_abadi is None:
+        if auto_s is None or best_abadi is None:
             continue
         a_name, a = best_abadi
         g_name, g = _best_of(methods.items(), "auto_s", sign)
-        gap, se = _paired_gap(default["tests"], a["tests"], sign)
+        cells = []
+        for ours in (default, auto_s):
+            cells.append(
+                "-"
+                if ours is None
+                else "{:+.4f} +- {:.4f}".format(*_paired_gap(ours["tests"], a["tests"], sign))
+            )
         lines.append(
-            f"{_row_start(table)}| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
-            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {gap:+.4f} +- {se:.4f} "
-            f"| {default['n']} | {machines[table].split(' (')[0]} |"
+            f"{_row_start(table)}| {'-' if default is None else format(default['mean'], '.4f')} "
+            f"| {auto_s['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
+            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {cells[0]} | {cells[1]} "
+            f"| {auto_s['n']} | {machines[table].split(' (')[0]} |"
         )
     return lines
 
 
 def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> list[str]:
-    """One line per table with PSAC: PSAC against Abadi with R chosen by validation, and the default.
+    """One line per table with PSAC: PSAC against Abadi with R chosen by validation, and AUTO-S 0.01.
 
     Each at its own tuned lr, paired over the table's seeds +- SE (positive: PSAC is better).
     """
@@ -929,13 +946,13 @@ def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> lis
     machines = _machines(records)
     r = method.split(" ")[1].replace("=", " ")  # "r 0.1"
     lines = [
-        f"| task | eps | optimizer | batch x epochs | metric | PSAC ({r}) | AUTO-S default "
-        "| Abadi, R by val | PSAC - Abadi (paired +- SE) | PSAC - default | seeds | machine |",
+        f"| task | eps | optimizer | batch x epochs | metric | PSAC ({r}) | AUTO-S gamma 0.01 "
+        "| Abadi, R by val | PSAC - Abadi (paired +- SE) | PSAC - AUTO-S | seeds | machine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
-        psac, default = methods.get(method), methods.get(DEFAULT_METHOD)
+        psac, default = methods.get(method), methods.get(AUTO_S_METHOD)
         best_abadi = _best_of(methods.items(), "abadi", sign)
         if psac is None or default is None or best_abadi is None:
             continue
@@ -1001,8 +1018,14 @@ def held_out_tests(
     return out
 
 
+def _held_out_label(method: str) -> str:
+    """A method's name in a column header: ``default (psac r 1)`` for the package default."""
+    name = method.replace("=", " ")
+    return f"default ({name})" if method == DEFAULT_METHOD else name
+
+
 def held_out_table(
-    records: list[dict[str, Any]], methods: tuple[str, ...] = ("psac r=1", "psac r=0.1", DEFAULT_METHOD)
+    records: list[dict[str, Any]], methods: tuple[str, ...] = (DEFAULT_METHOD, "psac r=0.1", AUTO_S_METHOD)
 ) -> list[str]:
     """Per table with Abadi and every one of ``methods``: each against Abadi, both tuned out of sample.
 
@@ -1011,7 +1034,7 @@ def held_out_table(
     """
     lines = [
         "| task | eps | optimizer | batch x epochs | metric | "
-        + " | ".join(f"{'default' if m == DEFAULT_METHOD else m.replace('=', ' ')} - Abadi" for m in methods)
+        + " | ".join(_held_out_label(m) + " - Abadi" for m in methods)
         + " | seeds |",
         "|---|---|---|---|---|" + "---|" * len(methods) + "---|",
     ]
@@ -1060,16 +1083,24 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
     """
     by = dict(rows)
     sign = 1.0 if spec.higher_is_better else -1.0
-    if DEFAULT_METHOD not in by or _best_of(rows, "abadi", sign) is None:
-        return "(default or Abadi missing from this table)"
-    parts = []
-    for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
-        name, best = _best_of(rows, "abadi", sign, key)
-        gap, se = _paired_gap(by[DEFAULT_METHOD]["tests"], best["tests"], sign)
-        side = "ahead of" if gap > 0 else "behind"
-        within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
-        parts.append(f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)")
-    return f"Default AUTO-S is {parts[0]}; {parts[1]}. Paired over {by[DEFAULT_METHOD]['n']} seeds."
+    ours = [
+        (m, label) for m, label in ((DEFAULT_METHOD, "The default"), (AUTO_S_METHOD, "AUTO-S")) if m in by
+    ]
+    if not ours or _best_of(rows, "abadi", sign) is None:
+        return "(default, AUTO-S or Abadi missing from this table)"
+    sentences = []
+    for method, label in ours:
+        parts = []
+        for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
+            name, best = _best_of(rows, "abadi", sign, key)
+            gap, se = _paired_gap(by[method]["tests"], best["tests"], sign)
+            side = "ahead of" if gap > 0 else "behind"
+            within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
+            parts.append(
+                f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)"
+            )
+        sentences.append(f"{label} ({method}) is {parts[0]}; {parts[1]}.")
+    return " ".join(sentences) + f" Paired over {by[ours[0][0]]['n']} seeds."
 
 
 # -------------------------------------------------------------------------------- tables in the docs
@@ -1362,7 +1393,7 @@ def plot_study(path: Path, png: Path) -> None:
     import numpy as np
 
     data = json.loads(path.read_text())
-    traj = data[DEFAULT_METHOD]["checkpoints"]
+    traj = data[AUTO_S_METHOD]["checkpoints"]  # the study followed AUTO-S, the default when it ran
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     bins = np.logspace(-4, 2, 40)
     for row in traj:
