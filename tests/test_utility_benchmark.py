@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import statistics
 import sys
@@ -415,3 +416,44 @@ def test_norm_study_loss_of_a_digits_example_is_its_term_of_the_training_loss(ut
     per_example = torch.stack([utility._example_loss("digits", model, e) for e in examples])
     torch.testing.assert_close(per_example.mean(), torch.nn.functional.cross_entropy(model(x), y))
     assert per_example.std() > 0
+
+
+def test_optimizer_table_scores_both_optimizers_and_abadi_out_of_sample_on_the_new_seeds(utility):
+    rng = random.Random(7)
+    default = _package_default()
+    records, runs = [], {}
+    # Adam: the default and Abadi R = 1, 3 over 4 seeds; the new optimizer: the default over seeds 0-2
+    for optimizer, methods, seeds in (
+        ("adam", (default, ("abadi", 0.01, 1.0), ABADI_3), 4),
+        ("adam_bc", (default,), 3),
+    ):
+        for clipping, gamma, r in methods:
+            for lr in (1e-3, 5e-3):
+                for seed in range(seeds):
+                    cfg = utility.Config(
+                        "digits", "cpu", 1.0, clipping, gamma, r, optimizer, lr, seed, 64, 40
+                    )
+                    res = {"val": rng.random(), "test": rng.random(), "sigma": 5.0, "steps": 800}
+                    records.append({"config": asdict(cfg), "result": res})
+                    runs[(optimizer, cfg.method, lr, seed)] = res
+
+    def held_out(candidates, seed):  # an independent loop over seeds 0-2 only
+        others = [s for s in range(3) if s != seed]
+        best = max(candidates, key=lambda k: sum(runs[(*k, s)]["val"] for s in others))
+        return runs[(*best, seed)]["test"]
+
+    dm = utility.DEFAULT_METHOD
+    new = [held_out([("adam_bc", dm, lr) for lr in (1e-3, 5e-3)], s) for s in range(3)]
+    adam = [held_out([("adam", dm, lr) for lr in (1e-3, 5e-3)], s) for s in range(3)]
+    abadi = [
+        held_out([("adam", f"abadi R={r}", lr) for r in (1, 3) for lr in (1e-3, 5e-3)], s) for s in range(3)
+    ]
+    (row,) = utility.optimizer_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:7] == [f"{statistics.fmean(v):.4f}" for v in (adam, new, abadi)]
+    for cell, (a, b) in zip(cells[7:10], ((new, adam), (new, abadi), (adam, abadi))):
+        diffs = [x - y for x, y in zip(a, b)]
+        gap, se = cell.split(" +- ")
+        assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+        assert float(se) == pytest.approx(statistics.stdev(diffs) / math.sqrt(3), abs=1e-4)
+    assert cells[10] == "3"
