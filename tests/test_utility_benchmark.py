@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import statistics
 import sys
@@ -85,13 +86,26 @@ def test_psac_r_reruns_psacs_trials_at_a_larger_r(utility, task):
     assert by_r == ({3.0: epsilon_1} if epsilon_1 else {})
 
 
-def _records(utility, rng):
-    """Synthetic results: 2 methods x 3 lrs x 4 seeds; validation rises with the lr, test falls."""
+def _package_default() -> tuple[str, float, float]:
+    """(clipping, gamma, R) of ``DPAutoStrategy()``, as a user gets it."""
+    from lightning_autodp import DPAutoStrategy
+
+    strategy = DPAutoStrategy()
+    return strategy.clipping, strategy.gamma, strategy.max_grad_norm
+
+
+AUTO_S = ("auto_s", 0.01, 1.0)
+ABADI_3 = ("abadi", 0.01, 3.0)
+
+
+def _records(utility, rng, methods=None):
+    """Synthetic results: 2 methods (default: the package default and Abadi R = 3) x 3 lrs x 4 seeds;
+    validation rises with the lr, test falls."""
     out = []
-    for clipping, r in (("auto_s", 1.0), ("abadi", 3.0)):
+    for clipping, gamma, r in methods or (_package_default(), ABADI_3):
         for i, lr in enumerate((1e-3, 2e-3, 5e-3)):
             for seed in range(4):
-                cfg = utility.Config("digits", "main", 3.0, clipping, 0.01, r, "adam", lr, seed, 64, 40)
+                cfg = utility.Config("digits", "main", 3.0, clipping, gamma, r, "adam", lr, seed, 64, 40)
                 val, test = 0.5 + 0.1 * i + 0.05 * rng.random(), 0.9 - 0.1 * i + 0.05 * rng.random()
                 res = {"val": val, "test": test, "sigma": 2.0, "steps": 800}
                 out.append({"config": asdict(cfg), "result": res})
@@ -99,7 +113,7 @@ def _records(utility, rng):
 
 
 def test_summary_tunes_lr_on_validation_over_the_seeds_every_cell_has(utility):
-    records = _records(utility, random.Random(0))
+    records = _records(utility, random.Random(0), (AUTO_S, ABADI_3))
     # Seed 3 is missing for one cell: seed 3 must then be left out of every method of the table.
     records = [
         r
@@ -118,7 +132,40 @@ def test_summary_tunes_lr_on_validation_over_the_seeds_every_cell_has(utility):
         tests = [x["test"] for x in by_lr[best_lr]]
         assert s["mean"] == pytest.approx(statistics.fmean(tests))
     report = utility.render_report(records)
-    assert "auto_s g=0.01 (default)" in report and "paired" in report
+    assert "| auto_s g=0.01 |" in report and "paired" in report  # AUTO-S is no longer the default
+
+
+def test_the_tables_default_is_the_clipping_dpautostrategy_uses(utility):
+    clipping, gamma, r = _package_default()
+    assert (
+        utility.Config("digits", "main", 3.0, clipping, gamma, r, "adam", 0, 0, 64, 1).method
+        == utility.DEFAULT_METHOD
+    )
+    assert utility.DEFAULT_METHOD != utility.AUTO_S_METHOD
+    report = utility.render_report(_records(utility, random.Random(5)))
+    assert f"| {utility.DEFAULT_METHOD} (default) |" in report and "The default (" in report
+
+
+def test_overview_pairs_the_default_and_auto_s_with_tuned_abadi_and_marks_a_missing_default(utility):
+    rng = random.Random(6)
+    records = _records(utility, rng, (AUTO_S, ABADI_3))
+    (row,) = utility.overview_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "-" and cells[9] == "-"  # the default did not run in this table
+    records += _records(utility, rng, (_package_default(),))
+    summary = utility.summarise(records)
+    table = ("digits", "main", 3.0, "adam", 64, 40)
+    default, auto_s, abadi = (
+        summary[(*table, m)] for m in (utility.DEFAULT_METHOD, "auto_s g=0.01", "abadi R=3")
+    )
+    (row,) = utility.overview_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == f"{default['mean']:.4f}" and cells[6] == f"{auto_s['mean']:.4f}"
+    for cell, ours in ((cells[9], default), (cells[10], auto_s)):
+        diffs = [o - a for o, a in zip(ours["tests"], abadi["tests"])]
+        gap, se = cell.split(" +- ")
+        assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+        assert float(se) == pytest.approx(statistics.stdev(diffs) / 2, abs=1e-4)
 
 
 def test_sgd_learning_rate_is_divided_by_r(utility):
@@ -213,7 +260,7 @@ def test_records_carry_the_machine(utility, tmp_path):
 def test_fixed_abadi_table_pairs_the_default_with_abadi_at_that_r_seed_by_seed(utility):
     records = _records(utility, random.Random(1))  # the default and Abadi R = 3, 3 lrs x 4 seeds
     summary = utility.summarise(records)
-    default = summary[("digits", "main", 3.0, "adam", 64, 40, "auto_s g=0.01")]
+    default = summary[("digits", "main", 3.0, "adam", 64, 40, utility.DEFAULT_METHOD)]
     abadi = summary[("digits", "main", 3.0, "adam", 64, 40, "abadi R=3")]
     diffs = [d - a for d, a in zip(default["tests"], abadi["tests"])]
     (row,) = utility.fixed_abadi_table(records, r=3.0)[2:]
@@ -225,9 +272,9 @@ def test_fixed_abadi_table_pairs_the_default_with_abadi_at_that_r_seed_by_seed(u
     assert utility.fixed_abadi_table(records, r=1.0)[2:] == []  # no Abadi R = 1 run: no row
 
 
-def test_psac_table_pairs_psac_with_the_abadi_r_validation_chose_and_the_default(utility):
+def test_psac_table_pairs_psac_with_the_abadi_r_validation_chose_and_auto_s(utility):
     rng = random.Random(2)
-    records = _records(utility, rng)  # the default and Abadi R = 3
+    records = _records(utility, rng, (AUTO_S, ABADI_3))
     assert utility.psac_table(records)[2:] == []  # no PSAC run: no row
     for i, lr in enumerate((1e-3, 2e-3, 5e-3)):
         for seed in range(4):
@@ -241,11 +288,11 @@ def test_psac_table_pairs_psac_with_the_abadi_r_validation_chose_and_the_default
             records.append({"config": asdict(cfg), "result": res})
     summary = utility.summarise(records)
     table = ("digits", "main", 3.0, "adam", 64, 40)
-    psac, default, abadi = (summary[(*table, m)] for m in ("psac r=0.1", "auto_s g=0.01", "abadi R=3"))
+    psac, auto_s, abadi = (summary[(*table, m)] for m in ("psac r=0.1", "auto_s g=0.01", "abadi R=3"))
     (row,) = utility.psac_table(records)[2:]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5] == f"{psac['mean']:.4f}" and cells[7] == f"{abadi['mean']:.4f} (R=3)"
-    for cell, other in ((cells[8], abadi), (cells[9], default)):
+    for cell, other in ((cells[8], abadi), (cells[9], auto_s)):
         diffs = [p - o for p, o in zip(psac["tests"], other["tests"])]
         gap, se = cell.split(" +- ")
         assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
@@ -254,7 +301,7 @@ def test_psac_table_pairs_psac_with_the_abadi_r_validation_chose_and_the_default
 
 def test_psac_r_table_pairs_r_1_with_r_0_1_at_their_own_lrs(utility):
     rng = random.Random(3)
-    records = _records(utility, rng)  # the default and Abadi R = 3: no PSAC, no row
+    records = _records(utility, rng, (AUTO_S, ABADI_3))  # no PSAC: no row
     assert utility.psac_r_table(records)[2:] == []
     for r, shift in ((0.1, 0.0), (1.0, 0.02)):
         for i, lr in enumerate((1e-3, 2e-3, 5e-3)):
@@ -372,3 +419,44 @@ def test_norm_study_loss_of_a_digits_example_is_its_term_of_the_training_loss(ut
     per_example = torch.stack([utility._example_loss("digits", model, e) for e in examples])
     torch.testing.assert_close(per_example.mean(), torch.nn.functional.cross_entropy(model(x), y))
     assert per_example.std() > 0
+
+
+def test_optimizer_table_scores_both_optimizers_and_abadi_out_of_sample_on_the_new_seeds(utility):
+    rng = random.Random(7)
+    default = _package_default()
+    records, runs = [], {}
+    # Adam: the default and Abadi R = 1, 3 over 4 seeds; the new optimizer: the default over seeds 0-2
+    for optimizer, methods, seeds in (
+        ("adam", (default, ("abadi", 0.01, 1.0), ABADI_3), 4),
+        ("adam_bc", (default,), 3),
+    ):
+        for clipping, gamma, r in methods:
+            for lr in (1e-3, 5e-3):
+                for seed in range(seeds):
+                    cfg = utility.Config(
+                        "digits", "cpu", 1.0, clipping, gamma, r, optimizer, lr, seed, 64, 40
+                    )
+                    res = {"val": rng.random(), "test": rng.random(), "sigma": 5.0, "steps": 800}
+                    records.append({"config": asdict(cfg), "result": res})
+                    runs[(optimizer, cfg.method, lr, seed)] = res
+
+    def held_out(candidates, seed):  # an independent loop over seeds 0-2 only
+        others = [s for s in range(3) if s != seed]
+        best = max(candidates, key=lambda k: sum(runs[(*k, s)]["val"] for s in others))
+        return runs[(*best, seed)]["test"]
+
+    dm = utility.DEFAULT_METHOD
+    new = [held_out([("adam_bc", dm, lr) for lr in (1e-3, 5e-3)], s) for s in range(3)]
+    adam = [held_out([("adam", dm, lr) for lr in (1e-3, 5e-3)], s) for s in range(3)]
+    abadi = [
+        held_out([("adam", f"abadi R={r}", lr) for r in (1, 3) for lr in (1e-3, 5e-3)], s) for s in range(3)
+    ]
+    (row,) = utility.optimizer_table(records)[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:7] == [f"{statistics.fmean(v):.4f}" for v in (adam, new, abadi)]
+    for cell, (a, b) in zip(cells[7:10], ((new, adam), (new, abadi), (adam, abadi))):
+        diffs = [x - y for x, y in zip(a, b)]
+        gap, se = cell.split(" +- ")
+        assert float(gap) == pytest.approx(statistics.fmean(diffs), abs=1e-4)
+        assert float(se) == pytest.approx(statistics.stdev(diffs) / math.sqrt(3), abs=1e-4)
+    assert cells[10] == "3"

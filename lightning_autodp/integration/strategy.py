@@ -436,6 +436,21 @@ class DPAutoStrategy(DDPStrategy):
         assert self.dataset_size is not None
         return self.sample_rate * self.dataset_size
 
+    @property
+    def noise_std(self) -> float:
+        r""":math:`\sigma R / B`: the standard deviation of the noise in each coordinate of the gradient
+        the optimizer receives (:class:`~lightning_autodp.mechanism.optim.DPAdamBC` subtracts its square).
+
+        Known once the fit has started (sigma calibrated, the DataLoader set up). Without Poisson
+        sampling :math:`B` is the nominal logical batch; a shorter last batch has more noise per example.
+        """
+        if not isinstance(self._noise_multiplier, (int, float)):
+            raise RuntimeError(
+                f"noise_std is known once sigma is (noise_multiplier={self._noise_multiplier!r}): read it "
+                "from the optimizer's step, not in configure_optimizers (pass a callable)."
+            )
+        return self._noise_multiplier * self.max_grad_norm / self.expected_batch_size
+
     # ------------------------------------------------------------------ setup and validation
 
     @override
