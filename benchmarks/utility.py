@@ -62,7 +62,8 @@ resume); prefer it to ``timeout``, which leaves the pool's workers running.
     python benchmarks/utility.py --grid psac --tasks digits,char_lm,text --jobs 2   # ~1 h on 2 cores
     python benchmarks/utility.py --grid psac_r --tasks digits,char_lm,text --jobs 2  # ~1 h on 2 cores
     python benchmarks/utility.py --grid batch_eps1 --jobs 2   # digits epsilon 1 at batch 256: ~25 min
-    python benchmarks/utility.py --grid adam_bc --jobs 2 --out benchmarks/results/utility_results_adam_bc.jsonl
+    python benchmarks/utility.py --grid adam_bc --jobs 2 \
+        --out benchmarks/results/utility_results_adam_bc.jsonl
     python benchmarks/utility.py --optimizer-report benchmarks/results/utility_results_adam_bc.jsonl
     python benchmarks/utility.py --report             # utility_results.md from the JSONL; docs tables
     python benchmarks/utility.py --study              # digits: why AUTO-S falls short (norms, SNR)
