@@ -568,15 +568,34 @@ class SharedTableBias(nn.Module):
         return x + self.proj(self.table)
 
 
-def test_layer_seeing_another_batch_size_is_named():
+def test_layer_seeing_another_batch_size_gets_exact_gradients_at_its_module():
+    """A Linear on a (1, T, d) table shared by the batch: exact at the enclosing module, announced."""
     net = nn.Sequential(nn.Linear(4, 4), SharedTableBias()).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    grads = per_example_gradients(net, lambda m, i: m(x[i : i + 1]).pow(2).sum(), 3)
+    ref = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    engine = BookKeepingEngine(net)
+    engine.expect_batch_size(3)
+    with pytest.warns(UserWarning, match=r"layer 1\.proj \(Linear\).*enclosing module 1 \(SharedTableBias\)"):
+        with engine.capturing():
+            net(x).pow(2).sum().backward()
+    sq = engine.per_sample_squared_norms()
+    engine.remove()
+    assert torch.allclose(sq, ref, rtol=1e-10, atol=0)
+
+
+class SummedOverBatch(SharedTableBias):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).sum(0)
+
+
+def test_layer_without_a_per_example_enclosing_module_is_named():
+    net = nn.Sequential(nn.Linear(4, 4), SummedOverBatch()).double()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     engine = BookKeepingEngine(net)
     engine.expect_batch_size(3)
     with (
-        pytest.raises(
-            RuntimeError, match=r"layer 1\.proj \(parameter 1\.proj\.(weight|bias)\).* 1, but the micro"
-        ),
+        pytest.raises(RuntimeError, match=r"layer 1 \(SummedOverBatch\) sees rows that are not one per example"),
         engine.capturing(),
     ):
         net(x).sum().backward()
