@@ -134,8 +134,9 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
         loss = _seq2seq_loss
     elif family == "gemma":
         cfg = tf.GemmaConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=8, max_position_embeddings=16, tie_word_embeddings=True,
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=16,
+            tie_word_embeddings=True,
         )  # fmt: skip
         model, targets, batch, loss = tf.GemmaForCausalLM(cfg), ["q_proj", "v_proj"], lm, _lm_loss
     elif family == "opt":
@@ -147,8 +148,9 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
         model, targets, batch, loss = tf.OPTForCausalLM(cfg), ["q_proj", "v_proj"], lm, _lm_loss
     elif family == "mixtral":
         cfg = tf.MixtralConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=16, num_local_experts=4, num_experts_per_tok=2,
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, num_local_experts=4,
+            num_experts_per_tok=2,
             experts_implementation="eager",
         )  # fmt: skip
         model, targets, batch, loss = tf.MixtralForCausalLM(cfg), ["q_proj", "v_proj"], lm, _lm_loss
@@ -168,7 +170,9 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+        config = LoraConfig(
+            r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False
+        )
         model = get_peft_model(model, config)
     model.train()
     return model, batch, loss

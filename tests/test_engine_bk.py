@@ -576,9 +576,9 @@ def test_layer_seeing_another_batch_size_gets_exact_gradients_at_its_module():
     ref = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
     engine = BookKeepingEngine(net)
     engine.expect_batch_size(3)
-    with pytest.warns(UserWarning, match=r"layer 1\.proj \(Linear\).*enclosing module 1 \(SharedTableBias\)"):
-        with engine.capturing():
-            net(x).pow(2).sum().backward()
+    announced = r"layer 1\.proj \(Linear\).*enclosing module 1 \(SharedTableBias\)"
+    with pytest.warns(UserWarning, match=announced), engine.capturing():
+        net(x).pow(2).sum().backward()
     sq = engine.per_sample_squared_norms()
     engine.remove()
     assert torch.allclose(sq, ref, rtol=1e-10, atol=0)
@@ -595,7 +595,9 @@ def test_layer_without_a_per_example_enclosing_module_is_named():
     engine = BookKeepingEngine(net)
     engine.expect_batch_size(3)
     with (
-        pytest.raises(RuntimeError, match=r"layer 1 \(SummedOverBatch\) sees rows that are not one per example"),
+        pytest.raises(
+            RuntimeError, match=r"layer 1 \(SummedOverBatch\) sees rows that are not one per example"
+        ),
         engine.capturing(),
     ):
         net(x).sum().backward()

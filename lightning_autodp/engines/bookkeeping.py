@@ -408,7 +408,7 @@ class BookKeepingEngine(PerSampleEngine):
             if rec.weights:
                 sq = squared_norms_of_weight(param, rec.weights)
             else:
-                sq = vector_grads(param, rec.vectors).flatten(1).pow(2).sum(1)
+                sq = squared_norms_of_vectors(param, rec.vectors)
             total = sq if total is None else total + sq.to(total.dtype)
         if total is None:
             return torch.zeros(self.batch_size)
@@ -569,6 +569,14 @@ class GhostClippingEngine(BookKeepingEngine):
         self._root = None
 
 
+def squared_norms_of_vectors(
+    param: nn.Parameter, vectors: list[tuple[tuple[int, int] | None, Tensor]]
+) -> Tensor:
+    r""":math:`\|\sum_k g^k_i\|^2` over the uses ``k`` of ``param`` whose per-example gradients were
+    materialised: the norm of the sum (cross terms included), never the sum of per-use norms."""
+    return vector_grads(param, vectors).flatten(1).pow(2).sum(1)
+
+
 def _materialised(param: nn.Parameter, c: Contribution) -> Tensor:
     rows = c.rows or (0, param.shape[0])
     g = c.materialise(rows[1] - rows[0])
@@ -582,7 +590,10 @@ class _RowCheck:
         self.engine, self.rule, self.module, self.handle = engine, rule, module, handle
         children = [c for c in rule.handled_children(module)]
         self.params = [
-            p for m in (module, *children) for p in m.parameters(recurse=m is not module) if id(p) in engine._trainable
+            p
+            for m in (module, *children)
+            for p in m.parameters(recurse=m is not module)
+            if id(p) in engine._trainable
         ]
 
     def are_examples(self, args: tuple, kwargs: dict) -> bool:
@@ -595,7 +606,9 @@ class _RowCheck:
         """The original forward with the layer's parameters detached; an enclosing module gets them."""
         names = {id(p): n for n, p in self.module.named_parameters()}
         detached = {names[id(p)]: p.detach() for p in self.params}
-        self.engine.lift(self.module, self.handle.name, self.params, "its input does not hold one row per example")
+        self.engine.lift(
+            self.module, self.handle.name, self.params, "its input does not hold one row per example"
+        )
         with self.engine.calling_original(self.module):
             return torch.func.functional_call(self.module, detached, args, kwargs)
 

@@ -133,9 +133,9 @@ class Lifting:
             if (layer, name) not in self.announced:
                 self.announced.add((layer, name))
                 warnings.warn(
-                    f"dp_auto: engine={self.engine.name!r}: layer {layer}: {why}; its per-example gradients are "
-                    f"computed exactly with torch.func on the enclosing module {name}, whose inputs hold one "
-                    "row per example (one vmap of that module per call, in the same backward).",
+                    f"dp_auto: engine={self.engine.name!r}: layer {layer}: {why}; its per-example "
+                    f"gradients are computed exactly with torch.func on the enclosing module {name}, whose "
+                    "inputs hold one row per example (one vmap of that module per call, in the same backward).",
                     stacklevel=2,
                 )
         params = {names[id(p)]: p for p in frame.lifted}
@@ -161,7 +161,7 @@ class Lifting:
                 frame.used |= ids
 
     def _target(self, below: nn.Module, params: list[nn.Parameter], what: str) -> Frame:
-        """The innermost call on the stack, under ``below``'s own, with batched inputs that owns ``params``."""
+        """The innermost call on the stack (not ``below``'s) with batched inputs that owns ``params``."""
         frames = [f for f in self.frames if f.module is not below]
         for frame in reversed(frames):
             names = self._names_in(frame.module)
@@ -169,10 +169,10 @@ class Lifting:
                 return frame
         batch = self.engine.forward_batch_size()
         raise RuntimeError(
-            f"engine={self.engine.name!r}: layer {what} sees rows that are not one per example (the micro-batch "
-            f"has {batch} examples), and no module enclosing it has inputs and outputs with one row per example, "
-            "so its gradient cannot be attributed to the examples. Call it inside a module whose inputs and "
-            "outputs are batch-first with one row per example."
+            f"engine={self.engine.name!r}: layer {what} sees rows that are not one per example (the "
+            f"micro-batch has {batch} examples), and no module enclosing it has inputs and outputs with one "
+            "row per example, so its gradient cannot be attributed to the examples. Call it inside a module "
+            "whose inputs and outputs are batch-first with one row per example."
         )
 
     def _names_in(self, module: nn.Module) -> dict[int, str]:

@@ -78,7 +78,9 @@ class LayerRule(ABC):
         """Submodules whose parameters this rule captures too (an attention's ``out_proj``)."""
         return []
 
-    def rows_are_examples(self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int, batch: int) -> bool:
+    def rows_are_examples(
+        self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int, batch: int
+    ) -> bool:
         """Whether the call's input holds one row per example (else an enclosing module computes the
         per-example gradients, see :mod:`..lift`). The input is the first tensor argument."""
         x = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)

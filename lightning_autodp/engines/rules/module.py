@@ -180,7 +180,9 @@ class TappedCall:
                     a[key] = value
                 else:
                     kw[key] = value
-            outs = [o for o in _leaves(functional_call(module, {**others, **theta}, tuple(a), kw)) if floating(o)]
+            outs = [
+                o for o in _leaves(functional_call(module, {**others, **theta}, tuple(a), kw)) if floating(o)
+            ]
             return tuple(outs) if self.select is None else tuple(outs[j] for j in self.select)
 
         def one_example(example: tuple[Tensor, ...], cot: tuple[Tensor, ...]) -> tuple[dict, tuple]:
@@ -206,7 +208,10 @@ class TappedCall:
                     raise
                 # Data-dependent shapes or control flow (routing tokens to experts): one example at a time.
                 per = [
-                    one_example(tuple(t[i] if d == 0 else t for t, d in zip(tensors, in_dims)), tuple(c[i] for c in grads))
+                    one_example(
+                        tuple(t[i] if d == 0 else t for t, d in zip(tensors, in_dims)),
+                        tuple(c[i] for c in grads),
+                    )
                     for i in range(batch)
                 ]
                 g = {n: torch.stack([gi[n] for gi, _ in per]) for n in params}
@@ -235,9 +240,7 @@ def _parametrizations_fixed(module: nn.Module) -> Iterator[None]:
     """Parametrisations in eval mode while recomputing: spectral norm's power iteration already ran in
     the forward pass (its buffers hold the vectors that forward used), so a recomputation must not
     iterate again; the weight it computes is then the one the forward used."""
-    changed = [
-        m for pl in module.modules() if isinstance(pl, ParametrizationList) for m in pl if m.training
-    ]
+    changed = [m for pl in module.modules() if isinstance(pl, ParametrizationList) for m in pl if m.training]
     for m in changed:
         m.training = False
     try:
@@ -271,12 +274,17 @@ class ModuleCapture:
             # Rows that are not one per example (a table shared by the batch, tokens flattened or routed):
             # the nearest enclosing module whose inputs hold one row per example computes the gradients.
             engine.lift(
-                self.module, self.handle.name, list(self.params.values()), "its output does not hold one row per example"
+                self.module,
+                self.handle.name,
+                list(self.params.values()),
+                "its output does not hold one row per example",
             )
             return out
         saved_outs = [leaves[k].detach() for k in batched]
         select = [tapped.index(k) for k in batched]
-        call = TappedCall(engine, self.handle, self.module, self.params, self.describe(), args, kwargs, select)
+        call = TappedCall(
+            engine, self.handle, self.module, self.params, self.describe(), args, kwargs, select
+        )
 
         def record(grads: tuple[Tensor, ...]) -> None:
             by_leaf = dict(zip(tapped, grads))
