@@ -135,7 +135,8 @@ class Lifting:
                 warnings.warn(
                     f"dp_auto: engine={self.engine.name!r}: layer {layer}: {why}; its per-example "
                     f"gradients are computed exactly with torch.func on the enclosing module {name}, whose "
-                    "inputs hold one row per example (one vmap of that module per call, in the same backward).",
+                    "inputs hold one row per example (one vmap of that module per call, in the same "
+                    "backward).",
                     stacklevel=2,
                 )
         params = {names[id(p)]: p for p in frame.lifted}
