@@ -336,7 +336,10 @@ def test_norms_and_weighted_sum_match_per_example_loop(case, engine_cls):
 
     assert batch == x.shape[0]
     assert sq_norms.dtype == torch.float64
-    assert _rel(sq_norms, ref_sq) < 1e-10
+    # GemmaRMSNorm computes in float32 whatever the model's dtype: per-example float32 sums differ from
+    # the batched ones in their last digits.
+    tol = 1e-6 if case == "gemma_rmsnorm" else 1e-10
+    assert _rel(sq_norms, ref_sq) < tol
     own = [p for p in net.parameters() if p.requires_grad]
     assert len(own) == len(params)
     expected_sums = [sum(w * gi[k] for w, gi in zip(weights, grads)) for k in range(len(own))]
@@ -347,7 +350,7 @@ def test_norms_and_weighted_sum_match_per_example_loop(case, engine_cls):
         expected = expected_sums[k]
         got = summed.get(p, torch.zeros_like(p))
         err = float((got - expected).norm()) / max(float(expected.norm()), floor)
-        assert err < 1e-10, f"parameter {k} {tuple(p.shape)}"
+        assert err < tol, f"parameter {k} {tuple(p.shape)}"
         # autograd never computed the non-private gradient of a handled parameter
         assert p.grad is None
     engine.remove()
@@ -643,8 +646,10 @@ def test_rule_lookup_follows_the_mro_and_refuses_overridden_forwards():
 def test_engine_announces_the_per_module_rule():
     from lightning_autodp.engines import make_engine
 
-    net, _, _ = _case("gemma_rmsnorm")
-    with pytest.warns(UserWarning, match=r"engine='bk'.*torch\.func.*1 \(GemmaRMSNorm; parameters weight\)"):
+    net, _, _ = _case("layernorm_subclass_forward")
+    with pytest.warns(
+        UserWarning, match=r"engine='bk'.*torch\.func.*1 \(ScaledLayerNorm; parameters weight, bias\)"
+    ):
         engine = make_engine("auto", net)
     assert isinstance(engine, BookKeepingEngine)
     engine.remove()

@@ -1,7 +1,7 @@
 """Models whose layers need more than one rule per layer, in float64 against the per-example loop.
 
-* a parameter reached several times (tied embedding and lm_head across the torch.func rule and the
-  Linear rule, a cell called once per time step): the norm of the sum of its uses;
+* a parameter reached several times (Gemma's scaled embedding tied to its lm_head; an embedding under
+  the torch.func rule tied to a Linear; a cell called once per time step): the norm of the sum of its uses;
 * rows that are not one per example (T5's batch-free relative bias table, OPT's flattened tokens,
   Swin's windows, a sparse mixture of experts): exact per-example gradients at an enclosing module;
 * weights under ``torch.nn.utils.parametrize`` (weight norm, spectral norm).
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_autodp import DPAutoStrategy
-from lightning_autodp.engines import bookkeeping, make_engine
+from lightning_autodp.engines import bookkeeping, contributions, make_engine
 from lightning_autodp.engines.rules import module as module_rule
 
 pytest.importorskip("transformers")
@@ -79,17 +79,23 @@ def _hf_run(family: str, engine_name: str, lora: bool = False) -> Run:
 # ------------------------------------------------------------------------------ transformers models
 
 
+def _tolerance(family: str) -> float:
+    # GemmaRMSNorm computes in float32 whatever the model's dtype (x.float()): the batched and the
+    # per-example float32 sums differ in their last digits.
+    return 1e-6 if family == "gemma" else 1e-10
+
+
 @pytest.mark.parametrize("engine_name", ["bk", "ghost", "auto"])
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_hf_model_matches_per_example_loop(family, engine_name):
     norms, sums = _errors(_hf_run(family, engine_name))
-    assert norms < 1e-10 and sums < 1e-10
+    assert norms < _tolerance(family) and sums < _tolerance(family)
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_hf_model_with_lora_matches_per_example_loop(family):
     norms, sums = _errors(_hf_run(family, "auto", lora=True))
-    assert norms < 1e-10 and sums < 1e-10
+    assert norms < _tolerance(family) and sums < _tolerance(family)
 
 
 @pytest.mark.parametrize("family", ["t5", "swin", "opt", "mixtral"])
@@ -124,8 +130,13 @@ def _sum_of_per_use_norms(param, vectors):
 
 @pytest.mark.parametrize("engine_name", ["bk", "ghost"])
 def test_dropping_the_cross_term_of_a_tied_weight_is_caught(engine_name, monkeypatch):
-    """Gemma: the scaled embedding (torch.func rule) and the tied lm_head (Linear rule)."""
-    monkeypatch.setattr(bookkeeping, "squared_norms_of_vectors", _sum_of_per_use_norms)
+    """Gemma: the scaled embedding and the tied lm_head, two factors of one parameter (ghost norm)."""
+    inner = contributions._inner
+
+    def without_cross_terms(c1, c2):
+        return inner(c1, c2) if c1 is c2 else torch.zeros_like(inner(c1, c2))
+
+    monkeypatch.setattr(contributions, "_inner", without_cross_terms)
     norms, _ = _errors(_hf_run("gemma", engine_name))
     assert norms > 1e-3
 
@@ -141,7 +152,7 @@ def test_attributing_the_summed_gradient_of_a_lifted_layer_is_caught(family, mon
 
     monkeypatch.setattr(module_rule.TappedCall, "record", mean_gradient)
     norms, sums = _errors(_hf_run(family, "bk"))
-    assert norms > 1e-3
+    assert norms > 1e-6 and sums > 1e-6  # the exact run is within 1e-10
 
 
 # ---------------------------------------------------------------------- a parameter reached several times

@@ -1,6 +1,14 @@
 """One file per layer rule; importing this package registers them (see :mod:`..rule`)."""
 
-from lightning_autodp.engines.rules import conv, embedding, hf_rmsnorm, linear, mha, norm  # noqa: F401 - registers
+from lightning_autodp.engines.rules import (  # noqa: F401 - registers
+    conv,
+    embedding,
+    hf_gemma_t5,
+    hf_rmsnorm,
+    linear,
+    mha,
+    norm,
+)
 from lightning_autodp.engines.rules.module import ModuleCapture
 
 __all__ = ["ModuleCapture"]
