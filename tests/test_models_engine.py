@@ -313,3 +313,72 @@ def test_lightning_step_with_verification_matches_per_example_loop(family):
 
 def _collate(examples: list[dict]) -> dict:
     return {k: torch.cat([e[k] for e in examples]) for k in examples[0]}
+
+
+# ------------------------------------------------------------------------------ shared positions
+
+
+class LearnedPositions(nn.Embedding):
+    """Positions computed once for the batch behind an overridden forward: ``(1, T, d)``."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return super().forward(positions)
+
+
+class PositionsLM(nn.Module):
+    def __init__(self, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d)
+        self.positions = LearnedPositions(8, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.tokens(ids) + self.positions(ids)))
+
+
+@pytest.mark.parametrize("engine_name", ["bk", "ghost"])
+def test_positions_shared_by_the_batch_behind_an_overridden_forward(engine_name, monkeypatch):
+    torch.manual_seed(0)
+    model = PositionsLM().double()
+    ids = torch.randint(0, 11, (5, 4))
+
+    def loss(m: nn.Module, rows: slice) -> Tensor:
+        return F.cross_entropy(m(ids[rows])[:, :-1].transpose(1, 2), ids[rows, 1:], reduction="sum")
+
+    def run() -> Run:
+        whole, one = (lambda m: loss(m, slice(None))), (lambda m, i: loss(m, slice(i, i + 1)))
+        return _compare(copy.deepcopy(model), whole, one, 5, engine_name)
+
+    norms, sums = _errors(run())
+    assert norms < 1e-10 and sums < 1e-10
+    record = module_rule.TappedCall.record
+
+    def mean_gradient(self, batch, saved_outs, grads):
+        return record(self, batch, saved_outs, tuple(g.mean(0, keepdim=True).expand_as(g) for g in grads))
+
+    monkeypatch.setattr(module_rule.TappedCall, "record", mean_gradient)
+    norms, sums = _errors(run())
+    assert norms > 1e-6 and sums > 1e-6
+
+
+class TwiceInOneBlock(nn.Module):
+    """One Linear called on the examples' rows and on a table shared by the batch, in one module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.table = nn.Parameter(torch.randn(1, 3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x) + self.proj(self.table)
+
+
+def test_a_layer_used_with_and_without_example_rows_in_one_module_is_refused():
+    net = nn.Sequential(nn.Linear(4, 4), TwiceInOneBlock()).double()
+    engine = make_engine("bk", net)
+    engine.expect_batch_size(2)
+    with pytest.raises(RuntimeError, match=r"1\.proj \(Linear\) are used inside 1 \(TwiceInOneBlock\) both"):
+        with engine.capturing():
+            net(torch.randn(2, 3, 4, dtype=torch.float64)).sum().backward()
+    engine.remove()

@@ -249,7 +249,7 @@ class BookKeepingEngine(PerSampleEngine):
                 if rows is not None:
                     if not rows.are_examples(args, kwargs):
                         return rows.lifted_call(args, kwargs)
-                    engine._lifting.note_use(rows.params)
+                    engine.note_use(rows.params)
                 return captured(*args, **kwargs)
             return original(*args, **kwargs)
 
@@ -274,6 +274,10 @@ class BookKeepingEngine(PerSampleEngine):
     def lift(self, layer: nn.Module, name: str, params: list[nn.Parameter], why: str) -> None:
         """``layer`` (captured) saw rows that are not examples: hand ``params`` to an enclosing module."""
         self._lifting.lift(layer, name, [p for p in params if id(p) in self._trainable], why)
+
+    def note_use(self, params: list[nn.Parameter]) -> None:
+        """A captured layer used ``params`` with rows that are examples (see :class:`.lift.Lifting`)."""
+        self._lifting.note_use(params)
 
     @contextlib.contextmanager
     def calling_original(self, mod: nn.Module) -> Iterator[None]:
@@ -588,7 +592,7 @@ class _RowCheck:
 
     def __init__(self, engine: BookKeepingEngine, rule: LayerRule, module: nn.Module, handle: Handle) -> None:
         self.engine, self.rule, self.module, self.handle = engine, rule, module, handle
-        children = [c for c in rule.handled_children(module)]
+        children = rule.handled_children(module)
         self.params = [
             p
             for m in (module, *children)

@@ -280,6 +280,7 @@ class ModuleCapture:
                 "its output does not hold one row per example",
             )
             return out
+        engine.note_use(list(self.params.values()))
         saved_outs = [leaves[k].detach() for k in batched]
         select = [tapped.index(k) for k in batched]
         call = TappedCall(
