@@ -141,10 +141,13 @@ class BookKeepingEngine(PerSampleEngine):
     transformers' ``Conv1D``, ``nn.Embedding`` (also with ids shared by the batch),
     ``nn.Conv1d``/``nn.Conv2d`` (grouped, depthwise, channels-last), ``nn.LayerNorm``,
     ``nn.GroupNorm``, ``nn.RMSNorm`` and their subclasses, transformers' ``LlamaRMSNorm`` family,
-    ``nn.MultiheadAttention``; parameters
-    shared by several of them. Any other module with trainable parameters of its own gets the exact
-    per-module rule (:mod:`.rules.module`), announced with a warning. BatchNorm is refused (its
-    batch statistics mix the examples). Dim 0 is the batch, except inside ``nn.Transformer*``
+    ``GemmaRMSNorm``, ``T5LayerNorm`` and Gemma's scaled embedding, ``nn.MultiheadAttention``; parameters
+    shared by several of them (the norm of the sum of all uses). Any other module with trainable
+    parameters of its own, and any module whose weights are parametrised
+    (``torch.nn.utils.parametrize``), gets the exact per-module rule (:mod:`.rules.module`), announced
+    with a warning. A layer whose rows are not one per example gets exact per-example gradients at
+    the nearest enclosing module whose inputs are (:mod:`.lift`), announced once. BatchNorm is refused
+    (its batch statistics mix the examples). Dim 0 is the batch, except inside ``nn.Transformer*``
     modules with ``batch_first=False``.
 
     Example::
