@@ -382,3 +382,31 @@ def test_a_layer_used_with_and_without_example_rows_in_one_module_is_refused():
     with pytest.raises(RuntimeError, match=refused), engine.capturing():
         net(torch.randn(2, 3, 4, dtype=torch.float64)).sum().backward()
     engine.remove()
+
+
+# ------------------------------------------------------------------------------ bf16 autocast
+
+
+def _float32_norms(family: str, autocast: bool) -> Tensor:
+    model, batch, loss = build_more(family)
+    model = model.float()
+    batch = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        engine = make_engine("bk", model)
+        engine.expect_batch_size(len(next(iter(batch.values()))))
+        with engine.capturing():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                total = loss(model, batch).sum()
+            total.backward()
+        sq = engine.per_sample_squared_norms()
+    engine.remove()
+    return sq.detach()
+
+
+@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral"])
+def test_lifted_layers_train_under_bf16_autocast(family):
+    """The recomputation at the enclosing module runs in backward, outside autocast: it upcasts the
+    half-precision inputs and is compared with the forward at bf16's tolerance (no false refusal)."""
+    exact, mixed = _float32_norms(family, False), _float32_norms(family, True)
+    assert float((mixed - exact).norm() / exact.norm()) < 5e-2

@@ -33,6 +33,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.profiler import record_function
 
+from lightning_autodp.engines.contributions import up
 from lightning_autodp.engines.rule import Handle
 
 #: bound on the elements one vmap chunk holds per tensor (recomputed activations, gradients)
@@ -121,6 +122,14 @@ class TappedCall:
         self.describe, self.args, self.kwargs = describe, args, kwargs
         #: which of the floating outputs carry the gradients (all by default)
         self.select = select
+        # The forward's autocast (device, dtype): the recomputation runs in backward, where autocast is
+        # off, in at least float32 (half-precision inputs upcast); it is compared with the half-precision
+        # forward at that precision's tolerance.
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        device = first.device.type if first is not None else next(module.parameters()).device.type
+        self.autocast = (
+            (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        )
 
     def tap(self, out: Any, batch: int) -> Any:
         """``out`` with its floating outputs tapped; every one must be batched (or of batch dim 1)."""
@@ -148,7 +157,8 @@ class TappedCall:
         grads_by_param, recomputed = self.per_example_grads(batch, grads)
         for saved, again in zip(saved_outs, recomputed):
             err = float((again.to(saved.dtype) - saved).norm() / saved.norm().clamp_min(1e-30))
-            if err > _tolerance(saved.dtype):
+            # Under autocast the module computed in half precision (one example alone rounds differently).
+            if err > _tolerance(self.autocast[1] if self.autocast else saved.dtype):
                 raise RuntimeError(
                     f"dp_auto: {self.describe} does not compute each example independently: its output "
                     f"for one example alone differs from the batched output (relative error {err:.2g}). "
@@ -167,6 +177,8 @@ class TappedCall:
         leaves = [(k, v) for k, v in enumerate(args) if isinstance(v, Tensor)]
         leaves += [(k, v) for k, v in kwargs.items() if isinstance(v, Tensor)]
         tensors = tuple(v.detach() for _, v in leaves)
+        if self.autocast:
+            tensors = tuple(up(t) for t in tensors)
         in_dims = tuple(0 if is_batched(t, batch) else None for t in tensors)
         module, params = self.module, {n: p.detach() for n, p in self.params.items()}
         # Every other parameter enters detached: the recomputation builds no graph for them.
