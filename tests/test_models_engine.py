@@ -141,7 +141,7 @@ def test_dropping_the_cross_term_of_a_tied_weight_is_caught(engine_name, monkeyp
     assert norms > 1e-3
 
 
-@pytest.mark.parametrize("family", ["t5", "opt", "swin"])
+@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral"])
 def test_attributing_the_summed_gradient_of_a_lifted_layer_is_caught(family, monkeypatch):
     """The fault: every example gets the batch's mean output gradient at the enclosing module (what a
     rule that cannot tell the rows apart would attribute)."""
