@@ -17,7 +17,9 @@ Exactness check: the vmapped recomputation also returns ``M(x_i)``; it must equa
 the batched call (up to rounding), else ``M`` does not act on each example independently
 (batch statistics, dropout or other randomness inside it) and the engine refuses, naming ``M``.
 Inputs whose dim 0 is not the micro-batch size are passed whole to every example (e.g. a mask
-shared by the batch). An output whose dim 0 is not the micro-batch size is refused, naming ``M``.
+shared by the batch). A module none of whose outputs has the micro-batch size as dim 0 (a table
+shared by the batch, tokens flattened or routed) hands its parameters to the nearest enclosing module
+whose inputs do (:mod:`..lift`), where the same computation (:class:`TappedCall`) runs.
 """
 
 from __future__ import annotations
