@@ -79,6 +79,11 @@ for _seq, _batch in ((512, 8), (1024, 4)):
     MODELS[f"hf_gpt2s_{_seq}"] = dict(
         _GPT2_SMALL, kind="hf", family="gpt2", lora=False, batch=_batch, seq=_seq
     )
+# Models whose layers need the newer mechanisms of the one-backward engines (phases.py --models ...):
+# T5 (a batch-free relative bias table, lifted to its attention) and Gemma (the scaled embedding tied
+# to lm_head: one parameter reached by two rules).
+for _family in ("t5", "gemma"):
+    MODELS[f"hf_{_family}"] = dict(_HF, family=_family, lora=False)
 #: ``--tiny``: the same models at sizes that only check the script runs (CPU smoke test)
 TINY = dict(batch=4, seq=16, d=32, heads=2, ff=64, layers=2, vocab=100, image=16, patch=8, sizes=(32, 16, 10))
 LORA_TARGETS = {
@@ -86,6 +91,8 @@ LORA_TARGETS = {
     "bert": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
     "vit": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "gemma": ["q_proj", "v_proj"],
 }
 MODES = [
     "nonprivate", "dp_auto_auto", "dp_auto_bk", "dp_auto_ghost", "dp_auto_hooks",
@@ -210,6 +217,19 @@ def _hf(cfg: dict[str, Any], n: int, g: torch.Generator):
             **dropout,
         )
         build = lambda: tf.BertForSequenceClassification(config)  # noqa: E731
+    elif family == "t5":
+        config = tf.T5Config(
+            vocab_size=cfg["vocab"], d_model=d, d_kv=d // cfg["heads"], d_ff=cfg["ff"],
+            num_layers=cfg["layers"], num_heads=cfg["heads"], dropout_rate=0.0, decoder_start_token_id=0,
+            pad_token_id=0, use_cache=False,
+        )  # fmt: skip
+        build = lambda: tf.T5ForConditionalGeneration(config)  # noqa: E731
+    elif family == "gemma":
+        config = tf.GemmaConfig(
+            vocab_size=cfg["vocab"], max_position_embeddings=cfg["seq"], num_key_value_heads=cfg["heads"],
+            head_dim=d // cfg["heads"], tie_word_embeddings=True, use_cache=False, **common,
+        )  # fmt: skip
+        build = lambda: tf.GemmaForCausalLM(config)  # noqa: E731
     else:
         config = tf.ViTConfig(
             image_size=cfg["image"], patch_size=cfg["patch"], num_labels=classes, **common, **dropout
@@ -231,7 +251,16 @@ def _hf(cfg: dict[str, Any], n: int, g: torch.Generator):
         x = torch.randn(n, 3, cfg["image"], cfg["image"], generator=g)
     else:
         x = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
-    if family in ("gpt2", "llama"):
+    if family == "t5":
+        y = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
+
+        def seq2seq(net: nn.Module, xb, yb):
+            start = torch.zeros_like(yb[:, :1])
+            decoder_ids = torch.cat([start, yb[:, :-1]], 1)
+            return net(input_ids=xb, decoder_input_ids=decoder_ids).logits.flatten(0, 1), yb.reshape(-1)
+
+        return make, (x, y), seq2seq, nn.CrossEntropyLoss(), (cfg["batch"], cfg["seq"], cfg["vocab"])
+    if family in ("gpt2", "llama", "gemma"):
         y = torch.randint(0, cfg["vocab"], (n, cfg["seq"]), generator=g)
 
         def forward(net: nn.Module, xb, yb):

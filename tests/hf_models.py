@@ -91,3 +91,88 @@ def build(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tuple[n
 def example(batch: Batch, i: int) -> Batch:
     """Example ``i`` of ``batch`` alone, as a batch of one."""
     return {k: v[i : i + 1] for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ models whose layers need the fallbacks
+
+#: families whose layers see rows that are not one per example, share weights across rules, or
+#: carry parametrised weights (see docs/how-to/models.md)
+MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral")
+
+
+def _seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Teacher-forced cross-entropy of the decoder, mean over each example's target tokens: ``(B,)``."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+    )
+    return F.cross_entropy(out.logits.transpose(1, 2), batch["labels"], reduction="none").mean(1)
+
+
+def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tuple[nn.Module, Batch, LossFn]:
+    """``(model, batch, per_example_loss)`` for one of :data:`MORE_FAMILIES` (float64, dropout 0)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    mask[0, -2:] = 0
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    lm = {"input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        cfg = tf.T5Config(
+            vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        model, targets = tf.T5ForConditionalGeneration(cfg), ["q", "v"]
+        target = torch.randint(1, VOCAB, (n, T - 1), generator=g)
+        start = torch.zeros(n, 1, dtype=torch.long)
+        batch = {**lm, "decoder_input_ids": torch.cat([start, target[:, :-1]], 1), "labels": target}
+        loss = _seq2seq_loss
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=16,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        model, targets, batch, loss = tf.GemmaForCausalLM(cfg), ["q_proj", "v_proj"], lm, _lm_loss
+    elif family == "opt":
+        cfg = tf.OPTConfig(
+            vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, word_embed_proj_dim=16, dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, layerdrop=0.0,
+        )  # fmt: skip
+        model, targets, batch, loss = tf.OPTForCausalLM(cfg), ["q_proj", "v_proj"], lm, _lm_loss
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, num_local_experts=4,
+            num_experts_per_tok=2,
+            experts_implementation="eager",
+        )  # fmt: skip
+        model, targets, batch, loss = tf.MixtralForCausalLM(cfg), ["q_proj", "v_proj"], lm, _lm_loss
+    elif family == "swin":
+        cfg = tf.SwinConfig(
+            image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[2, 1], num_heads=[2, 2],
+            window_size=2, mlp_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            drop_path_rate=0.0, num_labels=CLASSES,
+        )  # fmt: skip
+        model, targets = tf.SwinForImageClassification(cfg), ["q_proj", "v_proj"]
+        batch = {"pixel_values": torch.randn(n, 3, 16, 16, generator=g), "labels": labels}
+        loss = _cls_loss
+    else:
+        raise KeyError(family)
+    model = model.double()
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False
+        )
+        model = get_peft_model(model, config)
+    model.train()
+    return model, batch, loss

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_autodp.engines import rules
 from lightning_autodp.engines.base import PerSampleEngine, add_into
@@ -67,6 +68,7 @@ from lightning_autodp.engines.contributions import (
     vector_grads,
     weighted_sum_of_weight,
 )
+from lightning_autodp.engines.lift import Lifting
 from lightning_autodp.engines.rule import Handle, LayerRule, find_rule
 from lightning_autodp.integration import _compat
 
@@ -97,6 +99,10 @@ def capture_plan(root: nn.Module) -> tuple[list[PlannedModule], list[tuple[str, 
     modules = list(root.named_modules())
     handled: set[int] = set()
     for _, mod in modules:
+        if parametrize.is_parametrized(mod):
+            # The parametrisations' own modules hold original0/original1: captured with their owner.
+            handled.update(id(m) for m in mod.parametrizations.modules())  # type: ignore[union-attr]
+    for _, mod in modules:
         rule = find_rule(mod)
         if rule is not None and rule.unsupported_reason(mod) is None:
             handled.update(id(c) for c in rule.handled_children(mod))
@@ -105,6 +111,13 @@ def capture_plan(root: nn.Module) -> tuple[list[PlannedModule], list[tuple[str, 
         name = name or type(root).__name__
         own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
         if id(mod) in handled:
+            continue
+        if parametrize.is_parametrized(mod):
+            trainable = [n for n, p in mod.named_parameters() if p.requires_grad]
+            own_and_originals = [n for n in trainable if "." not in n or n.startswith("parametrizations.")]
+            if own_and_originals:
+                reason = "its weights are computed by torch.nn.utils.parametrize from the parameters it names"
+                plan.append(PlannedModule(name, mod, None, reason, tuple(own_and_originals)))
             continue
         rule = find_rule(mod)
         if rule is not None and rule.unsupported_reason(mod) is None:
@@ -129,10 +142,13 @@ class BookKeepingEngine(PerSampleEngine):
     transformers' ``Conv1D``, ``nn.Embedding`` (also with ids shared by the batch),
     ``nn.Conv1d``/``nn.Conv2d`` (grouped, depthwise, channels-last), ``nn.LayerNorm``,
     ``nn.GroupNorm``, ``nn.RMSNorm`` and their subclasses, transformers' ``LlamaRMSNorm`` family,
-    ``nn.MultiheadAttention``; parameters
-    shared by several of them. Any other module with trainable parameters of its own gets the exact
-    per-module rule (:mod:`.rules.module`), announced with a warning. BatchNorm is refused (its
-    batch statistics mix the examples). Dim 0 is the batch, except inside ``nn.Transformer*``
+    ``GemmaRMSNorm``, ``T5LayerNorm`` and Gemma's scaled embedding, ``nn.MultiheadAttention``; parameters
+    shared by several of them (the norm of the sum of all uses). Any other module with trainable
+    parameters of its own, and any module whose weights are parametrised
+    (``torch.nn.utils.parametrize``), gets the exact per-module rule (:mod:`.rules.module`), announced
+    with a warning. A layer whose rows are not one per example gets exact per-example gradients at
+    the nearest enclosing module whose inputs are (:mod:`.lift`), announced once. BatchNorm is refused
+    (its batch statistics mix the examples). Dim 0 is the batch, except inside ``nn.Transformer*``
     modules with ``batch_first=False``.
 
     Example::
@@ -170,25 +186,34 @@ class BookKeepingEngine(PerSampleEngine):
         self._recomputing = False
         self._trainable = {id(p) for p in self.params}
         self._names = {id(p): n for n, p in module.named_parameters()}
+        self._forward_batch: int | None = None
+        #: ids of parameters whose per-example gradients are materialised (torch.func rules): every
+        #: other use of them is materialised too and added, so their norm is that of the sum
+        self._dense: set[int] = set()
         seq_first = _seq_first_modules(module)
         fallbacks = []
         for item in plan:
             mod = item.module
+            fallback = item.rule is None
             handle = Handle(
                 self,
                 item.name,
-                self.trainable(getattr(mod, "weight", None)),
-                self.trainable(getattr(mod, "bias", None)),
+                None if fallback else self.trainable(getattr(mod, "weight", None)),
+                None if fallback else self.trainable(getattr(mod, "bias", None)),
                 1 if id(mod) in seq_first else 0,
             )
             if item.rule is not None:
                 forward = item.rule.captured_forward(mod, handle)
+                rows = _RowCheck(self, item.rule, mod, handle)
             else:
-                params = {n: getattr(mod, n) for n in item.params}
+                params = dict(mod.named_parameters())
+                params = {n: params[n] for n in item.params}
+                self.mark_dense(list(params.values()))
                 capture = rules.ModuleCapture(mod, handle, params)
                 fallbacks.append(f"{capture.describe()}: {item.reason}")
-                forward = capture.forward
-            self._patch(mod, forward)
+                forward, rows = capture.forward, None
+            self._patch(mod, forward, rows)
+        self._lifting = Lifting(self, module, [item.module for item in plan])
         for p in self.params:
             self._hooks.append(
                 p.register_post_accumulate_grad_hook(self._leak_hook(self._names.get(id(p), "?")))
@@ -215,7 +240,7 @@ class BookKeepingEngine(PerSampleEngine):
 
     # ---------------------------------------------------------------- attach / detach
 
-    def _patch(self, mod: nn.Module, captured: Callable) -> None:
+    def _patch(self, mod: nn.Module, captured: Callable, rows: _RowCheck | None) -> None:
         had_own = "forward" in mod.__dict__
         previous = mod.__dict__.get("forward")
         original = mod.forward
@@ -224,17 +249,39 @@ class BookKeepingEngine(PerSampleEngine):
         def forward(self_: nn.Module, *args: Any, **kwargs: Any) -> Any:
             # Only training steps are captured; eval, validation, no_grad, the per-module rule's
             # own call and its recomputation in backward run the original.
-            if (
-                engine._capturing
-                and not engine._recomputing
-                and id(mod) not in engine._inner
-                and torch.is_grad_enabled()
-            ):
+            if engine.capturing_forward() and id(mod) not in engine._inner:
+                if rows is not None:
+                    if not rows.are_examples(args, kwargs):
+                        return rows.lifted_call(args, kwargs)
+                    engine.note_use(rows.params)
                 return captured(*args, **kwargs)
             return original(*args, **kwargs)
 
         mod.forward = types.MethodType(forward, mod)  # type: ignore[method-assign]
         self._patched.append((mod, previous if had_own else None))
+
+    def capturing_forward(self) -> bool:
+        """Whether a module called now is captured (a training step's forward, not a recomputation)."""
+        return self._capturing and not self._recomputing and torch.is_grad_enabled()
+
+    def forward_batch_size(self) -> int | None:
+        """The micro-batch size: given by the caller, else the first batched input of this forward."""
+        return self.expected_batch_size or self._forward_batch
+
+    def set_forward_batch_size(self, batch: int | None) -> None:
+        self._forward_batch = batch
+
+    def mark_dense(self, params: list[nn.Parameter]) -> None:
+        """``params`` get materialised per-example gradients: materialise their other uses too."""
+        self._dense.update(id(p) for p in params)
+
+    def lift(self, layer: nn.Module, name: str, params: list[nn.Parameter], why: str) -> None:
+        """``layer`` (captured) saw rows that are not examples: hand ``params`` to an enclosing module."""
+        self._lifting.lift(layer, name, [p for p in params if id(p) in self._trainable], why)
+
+    def note_use(self, params: list[nn.Parameter]) -> None:
+        """A captured layer used ``params`` with rows that are examples (see :class:`.lift.Lifting`)."""
+        self._lifting.note_use(params)
 
     @contextlib.contextmanager
     def calling_original(self, mod: nn.Module) -> Iterator[None]:
@@ -277,6 +324,7 @@ class BookKeepingEngine(PerSampleEngine):
             else:
                 mod.forward = previous
         self._patched.clear()
+        self._lifting.remove()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -313,10 +361,28 @@ class BookKeepingEngine(PerSampleEngine):
         return self._capturing
 
     def record_weight(self, handle: Handle, param: nn.Parameter, contribution: Contribution) -> None:
-        if not self._capturing:
+        if not self._capturing or self._recorded_dense(handle, param, contribution):
             return
         self._check_batch(handle, param, contribution.right.shape[0])
         self._records.setdefault(param, ParamRecords()).weights.append(contribution)
+
+    def _recorded_dense(self, handle: Handle, param: nn.Parameter, contribution: Contribution) -> bool:
+        r"""A use of a parameter that also gets materialised per-example gradients (a torch.func rule).
+
+        Its per-example gradient is the sum of all its uses, so this use is materialised too
+        (:math:`L_i^\top R_i`, ``(B, rows, cols)``) and added to them: the norm of the sum, cross
+        terms included, never a sum of per-use norms.
+        """
+        if id(param) not in self._dense:
+            return False
+        if self.wants_vectors():
+            self._check_batch(handle, param, contribution.right.shape[0])
+            rows = contribution.rows or (0, param.shape[0])
+            grads = contribution.materialise(rows[1] - rows[0])
+            if contribution.rows is None:
+                grads = grads.reshape(grads.shape[0], *param.shape)
+            self._records.setdefault(param, ParamRecords()).vectors.append((contribution.rows, grads))
+        return True
 
     def record_vector(
         self, handle: Handle, param: nn.Parameter, rows: tuple[int, int] | None, grads: Tensor
@@ -343,13 +409,15 @@ class BookKeepingEngine(PerSampleEngine):
             )
         total: Tensor | None = None
         for param, rec in self._records.items():
-            parts = []
+            if rec.weights and rec.vectors:
+                # Not expected (mark_dense routes such uses to the vectors); exact all the same.
+                rec.vectors += [(c.rows, _materialised(param, c)) for c in rec.weights]
+                rec.weights = []
             if rec.weights:
-                parts.append(squared_norms_of_weight(param, rec.weights))
-            if rec.vectors:
-                parts.append(vector_grads(param, rec.vectors).flatten(1).pow(2).sum(1))
-            for sq in parts:
-                total = sq if total is None else total + sq.to(total.dtype)
+                sq = squared_norms_of_weight(param, rec.weights)
+            else:
+                sq = squared_norms_of_vectors(param, rec.vectors)
+            total = sq if total is None else total + sq.to(total.dtype)
         if total is None:
             return torch.zeros(self.batch_size)
         return total
@@ -381,6 +449,8 @@ class BookKeepingEngine(PerSampleEngine):
         self._records.clear()
         self._leaked.clear()
         self._batch_size = None
+        self._forward_batch = None
+        self._lifting.frames.clear()
         self._expected_batch_size = None
 
 
@@ -436,7 +506,7 @@ class GhostClippingEngine(BookKeepingEngine):
             self._uses[param] = self._uses.get(param, 0) + 1
 
     def record_weight(self, handle: Handle, param: nn.Parameter, contribution: Contribution) -> None:
-        if not self._capturing:
+        if not self._capturing or self._recorded_dense(handle, param, contribution):
             return
         self._check_batch(handle, param, contribution.right.shape[0])
         pending = self._pending.setdefault(param, [])
@@ -505,6 +575,50 @@ class GhostClippingEngine(BookKeepingEngine):
         self._pending.clear()
         self._weight_sq_norms = None
         self._root = None
+
+
+def squared_norms_of_vectors(
+    param: nn.Parameter, vectors: list[tuple[tuple[int, int] | None, Tensor]]
+) -> Tensor:
+    r""":math:`\|\sum_k g^k_i\|^2` over the uses ``k`` of ``param`` whose per-example gradients were
+    materialised: the norm of the sum (cross terms included), never the sum of per-use norms."""
+    return vector_grads(param, vectors).flatten(1).pow(2).sum(1)
+
+
+def _materialised(param: nn.Parameter, c: Contribution) -> Tensor:
+    rows = c.rows or (0, param.shape[0])
+    g = c.materialise(rows[1] - rows[0])
+    return g if c.rows is not None else g.reshape(g.shape[0], *param.shape)
+
+
+class _RowCheck:
+    """Whether a rule-captured layer's input holds one row per example, and the lifted call if not."""
+
+    def __init__(self, engine: BookKeepingEngine, rule: LayerRule, module: nn.Module, handle: Handle) -> None:
+        self.engine, self.rule, self.module, self.handle = engine, rule, module, handle
+        children = rule.handled_children(module)
+        self.params = [
+            p
+            for m in (module, *children)
+            for p in m.parameters(recurse=m is not module)
+            if id(p) in engine._trainable
+        ]
+
+    def are_examples(self, args: tuple, kwargs: dict) -> bool:
+        batch = self.engine.forward_batch_size()
+        if batch is None:
+            return True
+        return self.rule.rows_are_examples(self.module, args, kwargs, self.handle.batch_dim, batch)
+
+    def lifted_call(self, args: tuple, kwargs: dict) -> Any:
+        """The original forward with the layer's parameters detached; an enclosing module gets them."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        detached = {names[id(p)]: p.detach() for p in self.params}
+        self.engine.lift(
+            self.module, self.handle.name, self.params, "its input does not hold one row per example"
+        )
+        with self.engine.calling_original(self.module):
+            return torch.func.functional_call(self.module, detached, args, kwargs)
 
 
 def _seq_first_modules(root: nn.Module) -> set[int]:

@@ -78,6 +78,14 @@ class LayerRule(ABC):
         """Submodules whose parameters this rule captures too (an attention's ``out_proj``)."""
         return []
 
+    def rows_are_examples(
+        self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int, batch: int
+    ) -> bool:
+        """Whether the call's input holds one row per example (else an enclosing module computes the
+        per-example gradients, see :mod:`..lift`). The input is the first tensor argument."""
+        x = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+        return x is None or (x.dim() > batch_dim and x.shape[batch_dim] == batch)
+
     @abstractmethod
     def captured_forward(self, module: nn.Module, handle: Handle) -> Callable[..., Any]:
         """A replacement for ``module.forward`` whose backward records into ``handle``."""

@@ -4,6 +4,7 @@ from lightning_autodp.engines.rules import (  # noqa: F401 - registers
     batchnorm,
     conv,
     embedding,
+    hf_gemma_t5,
     hf_rmsnorm,
     linear,
     mha,

@@ -68,6 +68,14 @@ class EmbeddingRule(LayerRule):
             return "max_norm, sparse and scale_grad_by_freq are not supported by the one-backward rule"
         return None
 
+    def rows_are_examples(
+        self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int, batch: int
+    ) -> bool:
+        ids = args[0] if args else next(iter(kwargs.values()))
+        # Ids shared by the batch (batch dim 1) are expanded to it before the lookup.
+        shared = ids.dim() >= 2 and ids.shape[batch_dim] == 1
+        return shared or super().rows_are_examples(module, args, kwargs, batch_dim, batch)
+
     def captured_forward(self, module: nn.Module, handle: Handle) -> Callable[..., Any]:
         def forward(ids: Tensor) -> Tensor:
             ids = expand_shared_ids(ids, handle.batch_dim, handle.engine.expected_batch_size)
