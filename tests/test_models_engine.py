@@ -301,7 +301,9 @@ def test_lightning_step_with_verification_matches_per_example_loop(family):
     expected = reference_clipped_mean(grads, "auto_s", 1.0, 0.01, n)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    strategy = DPAutoStrategy(noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, engine="auto")
+    strategy = DPAutoStrategy(
+        noise_multiplier=0.0, clipping="auto_s", max_grad_norm=1.0, poisson_sampling=False, engine="auto"
+    )
     data = DataLoader([example(batch, i) for i in range(n)], batch_size=n, collate_fn=_collate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepContext:
-    """What an observer may read about the optimizer step in progress.
+    r"""What an observer may read about the optimizer step in progress.
 
     Attributes:
         dp_step: the step's :class:`~lightning_autodp.mechanism.step.DPStep` (its ``summed`` holds
