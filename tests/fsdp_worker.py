@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import sys
+import time
 import warnings
 
 import lightning as L
@@ -148,6 +149,25 @@ class BreakEngine(L.Callback):
         engine.per_sample_squared_norms = lambda: 4.0 * norms()
 
 
+def _exit_after_refusal(outdir: str, scenario: str, devices: int, rank: int) -> None:
+    """End the process once every rank has written its refusal, without the interpreter's shutdown.
+
+    A fit that ended in an exception mid-step under FSDP2 can leave torch's collective machinery with
+    work in flight; tearing it down at interpreter exit aborted the process once in about twenty runs
+    ("terminate called without an active exception"), after both ranks had written their results.
+    What this scenario tests is in those results, so rank 0 (the launcher, whose exit the test waits
+    for) waits for every rank's file and then leaves directly.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rank == 0:
+        deadline = time.monotonic() + 120
+        names = [os.path.join(outdir, f"{scenario}-{devices}-rank{r}.json") for r in range(devices)]
+        while not all(os.path.exists(n) for n in names) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    os._exit(0)
+
+
 def data(n: int) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     return TensorDataset(
@@ -265,9 +285,11 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
             warnings.simplefilter("always")
             trainer.fit(model, loader, **fit_kwargs)
     except EngineVerificationError as err:
-        with open(os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+        name = os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json")
+        with open(name + ".part", "w") as f:  # renamed when complete: rank 0 waits for the name
             json.dump({"refused": str(err), "steps": strategy.steps}, f)
-        return
+        os.replace(name + ".part", name)
+        _exit_after_refusal(outdir, scenario, devices, trainer.global_rank)
     out = {
         "checkpoint_is_dir": os.path.isdir(fit_kwargs["ckpt_path"]) if "ckpt_path" in fit_kwargs else None,
         "rank": trainer.global_rank,
