@@ -108,6 +108,20 @@ def test_the_mechanism_runs_no_lightning_import():
     assert offenders == []
 
 
+def test_the_mechanism_imports_neither_safeguards_nor_integration():
+    """The layers point one way: safeguards and the Lightning integration use the mechanism, not back."""
+    graph = import_graph()
+    mechanism = [m for m in graph if m.startswith("lightning_autodp.mechanism.")]
+    assert "lightning_autodp.mechanism.sharded" in mechanism
+    upward = sorted(
+        (m, dep)
+        for m in mechanism
+        for dep in graph[m]
+        if dep.startswith(("lightning_autodp.safeguards", "lightning_autodp.integration"))
+    )
+    assert upward == []
+
+
 def test_sources_compile_without_warnings():
     """No SyntaxWarning (e.g. an invalid escape in a docstring) on the first import of any module."""
     examples = ROOT.parent / "examples"

@@ -45,8 +45,8 @@ from lightning_autodp.integration.strategy import CHECKPOINT_KEY, DPAutoStrategy
 from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.batches import size_or_reason, slice_batch
 from lightning_autodp.mechanism.sampling import EmptyBatch
-from lightning_autodp.mechanism.sharded import ShardedDPStep, ShardedLayout, check_shardable
-from lightning_autodp.safeguards.verify import GradientLayout, logging_off
+from lightning_autodp.mechanism.sharded import ShardedDPStep, check_shardable
+from lightning_autodp.safeguards.verify import GradientLayout, ShardedLayout, logging_off
 
 #: the engines whose per-example work needs no per-example gradient (so none is sharded)
 SHARDED_ENGINES = ("auto", "bk", "ghost")

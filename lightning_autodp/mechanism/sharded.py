@@ -40,7 +40,6 @@ from lightning_autodp.engines.base import PerSampleEngine
 from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.clipping import ClippingMode
 from lightning_autodp.mechanism.step import DEFAULT_BUCKET_MB, DPStep
-from lightning_autodp.safeguards.verify import GradientLayout
 
 
 def local_part(tensor: Tensor) -> Tensor:
@@ -138,8 +137,8 @@ def _buckets(sums: Iterator[tuple[nn.Parameter, Tensor | None]], bucket_mb: floa
     bucket = _Bucket()
     for p, full in sums:
         if full is None:
-            full = torch.zeros(p.shape, dtype=_sum_dtype(p), device=local_part(p).device)
-        full = full.to(_sum_dtype(p))
+            full = torch.zeros(p.shape, dtype=sum_dtype(p), device=local_part(p).device)
+        full = full.to(sum_dtype(p))
         size = full.numel() * full.element_size()
         if bucket.params and bucket.bytes + size > limit:
             yield bucket
@@ -259,7 +258,7 @@ class ShardedDPStep(DPStep):
 
     def zero_sum(self, p: nn.Parameter) -> Tensor:
         """Zeros the size of this rank's shard of ``p``."""
-        return torch.zeros_like(local_part(p), dtype=_sum_dtype(p))
+        return torch.zeros_like(local_part(p), dtype=sum_dtype(p))
 
     def reduce_step(
         self, sums: list[Tensor], reduce: Callable[[Tensor], None] | None, bucket_mb: float
@@ -278,60 +277,15 @@ class ShardedDPStep(DPStep):
         return as_param_grad(total.to(p.dtype), p)
 
 
-class ShardedLayout(GradientLayout):
-    """The verification's view of sharded parameters: this rank's shards, norms summed over ranks.
-
-    Every rank must verify the *same* examples (the strategy broadcasts them): FSDP then averages
-    identical per-example gradients in its reduce-scatter, so each rank's shard of ``p.grad`` is
-    its shard of that example's gradient, and the engine's sums, reduce-scattered like the
-    training step's, are ``world_size`` times the per-rank sum.
-    """
-
-    def __init__(self, world_size: int, all_reduce: Callable[[Tensor], None] | None) -> None:
-        self.world_size = world_size
-        self.all_reduce = all_reduce
-
-    def reference_grads(self, loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
-        for p in params:
-            p.grad = None
-        loss.backward()
-        out = [
-            local_part(p.grad).detach().clone() if p.grad is not None else torch.zeros_like(local_part(p))
-            for p in params
-        ]
-        for p in params:
-            p.grad = None
-        return out
-
-    def squared_norm(self, grads: list[Tensor]) -> Tensor:
-        device = grads[0].device if grads else None
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for g in grads:
-            total += (g.double() ** 2).sum()
-        if self.all_reduce is not None:
-            self.all_reduce(total)
-        return total
-
-    def engine_sums(
-        self, engine: PerSampleEngine, weights: Tensor, params: list[nn.Parameter]
-    ) -> dict[nn.Parameter, Tensor]:
-        out: dict[nn.Parameter, Tensor] = {}
-        for p, full in engine.weighted_sums_in_order(weights, params):
-            if full is None:
-                full = torch.zeros(p.shape, dtype=_sum_dtype(p), device=local_part(p).device)
-            out[p] = reduce_scatter_to_shard(full.to(_sum_dtype(p)), p) / self.world_size
-        return out
-
-
-def _sum_dtype(p: Tensor) -> torch.dtype:
+def sum_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
 __all__ = [
     "ShardedDPStep",
-    "ShardedLayout",
     "as_param_grad",
     "check_shardable",
     "local_part",
     "reduce_scatter_to_shard",
+    "sum_dtype",
 ]

@@ -70,6 +70,7 @@ from lightning_autodp.mechanism.batches import (
     infer_batch_size,
     slice_batch,
 )
+from lightning_autodp.mechanism.sharded import local_part, reduce_scatter_to_shard, sum_dtype
 
 #: examples of the first micro-batch checked by default
 DEFAULT_EXAMPLES = 4
@@ -208,7 +209,7 @@ def _loss_of(output: Any) -> Tensor | None:
 class GradientLayout:
     """How the verification reads gradients: whole tensors on every rank (the default).
 
-    :class:`~lightning_autodp.mechanism.sharded.ShardedLayout` reads this rank's shards of sharded parameters
+    :class:`ShardedLayout` reads this rank's shards of sharded parameters
     instead; the comparison is then made shard by shard, and norms are summed over ranks.
     """
 
@@ -228,6 +229,51 @@ class GradientLayout:
         summed: dict[nn.Parameter, Tensor] = {}
         engine.accumulate_weighted_sum(weights, summed)
         return summed
+
+
+class ShardedLayout(GradientLayout):
+    """The verification's view of sharded parameters: this rank's shards, norms summed over ranks.
+
+    Every rank must verify the *same* examples (the strategy broadcasts them): FSDP then averages
+    identical per-example gradients in its reduce-scatter, so each rank's shard of ``p.grad`` is
+    its shard of that example's gradient, and the engine's sums, reduce-scattered like the
+    training step's, are ``world_size`` times the per-rank sum.
+    """
+
+    def __init__(self, world_size: int, all_reduce: Callable[[Tensor], None] | None) -> None:
+        self.world_size = world_size
+        self.all_reduce = all_reduce
+
+    def reference_grads(self, loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+        for p in params:
+            p.grad = None
+        loss.backward()
+        out = [
+            local_part(p.grad).detach().clone() if p.grad is not None else torch.zeros_like(local_part(p))
+            for p in params
+        ]
+        for p in params:
+            p.grad = None
+        return out
+
+    def squared_norm(self, grads: list[Tensor]) -> Tensor:
+        device = grads[0].device if grads else None
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            total += (g.double() ** 2).sum()
+        if self.all_reduce is not None:
+            self.all_reduce(total)
+        return total
+
+    def engine_sums(
+        self, engine: PerSampleEngine, weights: Tensor, params: list[nn.Parameter]
+    ) -> dict[nn.Parameter, Tensor]:
+        out: dict[nn.Parameter, Tensor] = {}
+        for p, full in engine.weighted_sums_in_order(weights, params):
+            if full is None:
+                full = torch.zeros(p.shape, dtype=sum_dtype(p), device=local_part(p).device)
+            out[p] = reduce_scatter_to_shard(full.to(sum_dtype(p)), p) / self.world_size
+        return out
 
 
 def _reference(
