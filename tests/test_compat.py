@@ -68,3 +68,28 @@ def test_compiled_module_and_donated_buffer_accessors():
         assert _compat.donated_buffers_enabled() is False
     with functorch_config.patch(donated_buffer=True):
         assert _compat.donated_buffers_enabled() is True
+
+
+def test_copy_without_hooks_runs_no_hook_and_leaves_the_original_hooked():
+    layer = nn.Linear(2, 2)
+    seen: list[str] = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    layer.register_forward_hook(lambda m, a, o: seen.append("post"))
+    layer.register_forward_hook(lambda m, a, k, o: seen.append("kw"), with_kwargs=True)
+    plain = _compat.copy_without_hooks(layer)
+    x = torch.randn(3, 2)
+    assert torch.equal(plain(x), layer(x))  # same parameters
+    assert seen == ["pre", "post", "kw"]  # only the original's call ran hooks
+    assert plain.weight is layer.weight
+
+
+def test_clear_opacus_current_grad_sample():
+    """Opacus keeps a parameter's per-sample gradient in ``_current_grad_sample`` during a backward."""
+    from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample
+
+    layer = nn.Linear(2, 1)
+    create_or_accumulate_grad_sample(param=layer.weight, grad_sample=torch.ones(4, 1, 2), max_batch_len=4)
+    assert layer.weight._current_grad_sample is not None  # what Opacus keeps mid-backward
+    _compat.clear_opacus_current_grad_sample(layer.weight)
+    assert layer.weight._current_grad_sample is None
+    _compat.clear_opacus_current_grad_sample(nn.Parameter(torch.zeros(1)))  # never hooked: no error

@@ -14,10 +14,8 @@ the same job from one backward pass without per-example gradients.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_autodp.engines.base import PerSampleEngine, add_into
 from lightning_autodp.engines.rules.batchnorm import BATCH_NORMS, normalised_with_running_statistics
+from lightning_autodp.integration import _compat
 from lightning_autodp.safeguards.batchnorm import check_per_example
 
 _HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -37,20 +36,14 @@ _HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.Wea
 def _hook_free(layer: nn.Module) -> nn.Module:
     """A shallow copy of ``layer`` without hooks, for functional re-computation under vmap."""
     if layer not in _HOOK_FREE_COPIES:
-        plain = copy.copy(layer)
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            setattr(plain, attr, OrderedDict())
-        for attr in (
-            "_forward_hooks_with_kwargs",
-            "_forward_hooks_always_called",
-            "_forward_pre_hooks_with_kwargs",
-        ):
-            if hasattr(plain, attr):
-                setattr(plain, attr, OrderedDict())
-        _HOOK_FREE_COPIES[layer] = plain
+        _HOOK_FREE_COPIES[layer] = _compat.copy_without_hooks(layer)
     plain = _HOOK_FREE_COPIES[layer]
     plain.training = False
     return plain
+
+
+#: the (args, kwargs) of each MultiheadAttention call in the step being captured, by layer
+_MHA_CALLS: weakref.WeakKeyDictionary[nn.Module, list[tuple[tuple, dict]]] = weakref.WeakKeyDictionary()
 
 
 def _mha_grad_sample(layer: nn.MultiheadAttention, activations: list[Tensor], backprops: Tensor) -> dict:
@@ -60,7 +53,7 @@ def _mha_grad_sample(layer: nn.MultiheadAttention, activations: list[Tensor], ba
     masks), and its ``DPMultiheadAttention`` renames parameters. The call's own query, key, value
     and keyword arguments (masks) are recorded by a pre-hook, so the re-computation is exact.
     """
-    args, kwargs = layer._dp_calls.pop()
+    args, kwargs = _MHA_CALLS[layer].pop()
     query, key, value = (list(args) + [kwargs.pop(k) for k in ("query", "key", "value") if k in kwargs])[:3]
     key_padding_mask = kwargs.pop("key_padding_mask", None)
     kwargs["need_weights"] = False
@@ -265,9 +258,7 @@ class HooksEngine(PerSampleEngine):
 
     def _record_mha_call(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if self._capturing and layer.training and torch.is_grad_enabled():
-            if not hasattr(layer, "_dp_calls"):
-                layer._dp_calls = []
-            layer._dp_calls.append((tuple(args), dict(kwargs)))
+            _MHA_CALLS.setdefault(layer, []).append((tuple(args), dict(kwargs)))
 
     def explain_error(self, err: BaseException) -> Exception | None:
         """A :class:`HooksEngineError` for an exception that Opacus's hooks caused outside them.
@@ -386,13 +377,11 @@ class HooksEngine(PerSampleEngine):
     def reset(self) -> None:
         for p in self.params:
             p.grad_sample = None
-            if hasattr(p, "_current_grad_sample"):
-                p._current_grad_sample = None
+            _compat.clear_opacus_current_grad_sample(p)
         for module in self.module.modules():
             if hasattr(module, "activations"):
                 module.activations = []
-            if hasattr(module, "_dp_calls"):
-                module._dp_calls = []
+            _MHA_CALLS.pop(module, None)
 
     def remove(self) -> None:
         self.reset()
@@ -400,6 +389,6 @@ class HooksEngine(PerSampleEngine):
         for handle in self._handles:
             handle.remove()
         for module in self.module.modules():
-            for attr in ("_dp_calls", "activations", "max_batch_len"):
+            for attr in ("activations", "max_batch_len"):
                 if hasattr(module, attr):
                     delattr(module, attr)

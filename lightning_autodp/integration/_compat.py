@@ -1,4 +1,4 @@
-"""Every private Lightning/torch access of lightning-autodp, in one place.
+"""Every private Lightning, torch and Opacus access of lightning-autodp, in one place.
 
 Each function or constant wraps one private attribute, class or function; ``tests/test_compat.py``
 exercises each, so a Lightning or torch upgrade that moves one breaks a named test here instead of
@@ -13,6 +13,8 @@ into someone else's object): ``DPAutoStrategy`` overriding ``DDPStrategy._setup_
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -63,3 +65,30 @@ def donated_buffers_enabled() -> bool:
     import torch._functorch.config as functorch_config
 
     return bool(getattr(functorch_config, "donated_buffer", False))
+
+
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (same parameters) whose forward runs none of its hooks.
+
+    torch keeps a module's hooks in private ordered dicts; the copy gets empty ones, so the
+    original keeps its hooks.
+    """
+    plain = copy.copy(module)
+    for attr in (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks_with_kwargs",
+    ):
+        if hasattr(plain, attr):
+            setattr(plain, attr, OrderedDict())
+    return plain
+
+
+def clear_opacus_current_grad_sample(p: nn.Parameter) -> None:
+    """Forget the per-sample gradient Opacus's hooks keep on ``p`` while a backward is in progress."""
+    if hasattr(p, "_current_grad_sample"):
+        p._current_grad_sample = None
