@@ -9,16 +9,13 @@ from __future__ import annotations
 import copy
 import warnings
 
-import lightning as L
 import pytest
 import torch
+from hf_lightning import lightning_step_error, max_relative_error
 from hf_models import FAMILIES, build, example
-from models import quiet_trainer
-from reference import per_example_gradients, reference_clipped_mean
+from reference import per_example_gradients
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from lightning_autodp import DPAutoStrategy
 from lightning_autodp.engines import make_engine
 
 pytest.importorskip("transformers")
@@ -28,13 +25,6 @@ pytest.importorskip("peft")
 def _reference(model: nn.Module, batch: dict, loss) -> list[list[Tensor]]:
     n = len(next(iter(batch.values())))
     return per_example_gradients(model, lambda m, i: loss(m, example(batch, i)).sum(), n)
-
-
-def _max_error(got: list[Tensor], expected: list[Tensor]) -> float:
-    """Largest per-parameter error, relative to the parameter's own scale or, for parameters whose
-    gradient is zero up to rounding (a key bias under softmax), to the whole update's."""
-    floor = 1e-6 * float(torch.stack([e.norm() for e in expected]).norm())
-    return max(float((g - e).norm()) / max(float(e.norm()), floor) for g, e in zip(got, expected))
 
 
 @pytest.mark.parametrize("engine_name", ["bk", "ghost", "auto"])
@@ -66,42 +56,11 @@ def test_engine_norms_and_weighted_sum_match_per_example_loop(family, lora, engi
     assert len(params) == len(grads[0])
     got = [summed.get(p, torch.zeros_like(p)) for p in params]
     expected = [sum(w * gi[k] for w, gi in zip(weights, grads)) for k in range(len(params))]
-    assert _max_error(got, expected) < 1e-10
-
-
-class HFModule(L.LightningModule):
-    def __init__(self, model: nn.Module, loss) -> None:
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self.loss(self.model, batch).mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=1.0)
+    assert max_relative_error(got, expected) < 1e-10
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lightning_step_matches_per_example_loop(family):
     """One DP-SGD step (sigma = 0, AUTO-S) of a Lightning fit with engine='auto' on a dict batch."""
     model, batch, loss = build(family)
-    n = len(next(iter(batch.values())))
-    grads = _reference(copy.deepcopy(model), batch, loss)
-    expected = reference_clipped_mean(grads, "auto_s", 1.0, 0.01, n)
-    params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
-
-    strategy = DPAutoStrategy(
-        noise_multiplier=0.0, clipping="auto_s", max_grad_norm=1.0, poisson_sampling=False, engine="auto"
-    )
-    data = DataLoader([example(batch, i) for i in range(n)], batch_size=n, collate_fn=_collate)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        quiet_trainer(strategy=strategy, precision="64-true", max_steps=1).fit(HFModule(model, loss), data)
-
-    update = [b - p.detach() for b, p in zip(before, params)]
-    assert _max_error(update, expected) < 1e-6  # p - (p - u) loses digits where u << p
-
-
-def _collate(examples: list[dict]) -> dict:
-    return {k: torch.cat([e[k] for e in examples]) for k in examples[0]}
+    assert lightning_step_error(model, batch, loss) < 1e-6  # p - (p - u) loses digits where u << p
