@@ -65,7 +65,7 @@ class GatherAtEpochEnd(Model):
 class BreakEngineOnRank1(L.Callback):
     def on_train_start(self, trainer, pl_module):
         if trainer.global_rank == 1:
-            engine = trainer.strategy._engine
+            engine = trainer.strategy.mechanism.engine
             norms = engine.per_sample_squared_norms
             engine.per_sample_squared_norms = lambda: 4.0 * norms()
 
@@ -162,6 +162,7 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         warnings.simplefilter("always")
         trainer.fit(model, loader)
     faulthandler.cancel_dump_traceback_later()  # epsilon_log's hang guard: later scenarios are not hangs
+    checks = strategy.mechanism.checks
     out = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -173,7 +174,7 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
         "grads": recorder.grads,
         "global_step": trainer.global_step,
-        "looks": [strategy._checks.noise_looks, strategy._checks.sample_looks] if strategy._checks else None,
+        "looks": [checks.noise_looks, checks.sample_looks] if checks is not None else None,
     }
     if mode in ("budget", "epsilon_log"):
         out["epsilon"] = budget.epsilon

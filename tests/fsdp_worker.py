@@ -144,7 +144,7 @@ class EmptyCounter(L.Callback):
 
 class BreakEngine(L.Callback):
     def on_train_start(self, trainer, pl_module):
-        engine = trainer.strategy._engine
+        engine = trainer.strategy.mechanism.engine
         norms = engine.per_sample_squared_norms
         engine.per_sample_squared_norms = lambda: 4.0 * norms()
 

@@ -65,13 +65,13 @@ def test_correct_run_passes_all_checks():
     strategy = _fit(
         Classifier(_net()), callbacks=[PrivacyBudget(target_epsilon=50.0, delta=1e-5, accountant="rdp")]
     )
-    assert strategy._checks is not None and strategy._checks.done
+    assert strategy.mechanism.checks is not None and strategy.mechanism.checks.done
 
 
 def test_small_noise_beside_large_clipped_sums_passes():
     """The noise is measured net of the clipped sum (here much larger than the noise)."""
     strategy = _fit(Classifier(_net()), DPAutoStrategy(noise_multiplier=0.01), batch_size=64)
-    assert strategy._checks is not None and strategy._checks.done
+    assert strategy.mechanism.checks is not None and strategy.mechanism.checks.done
 
 
 # ---------------------------------------------------------------------------- 1. every trainable parameter
@@ -207,7 +207,7 @@ def test_checks_can_be_turned_off(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strategy = _fit(Classifier(_net()), DPAutoStrategy(noise_multiplier=1.0, run_checks=False))
-    assert strategy._checks is None
+    assert strategy.mechanism.checks is None
 
 
 # ---------------------------------------------------------------------------- later steps (looks)
@@ -279,7 +279,7 @@ def test_a_small_noise_deficit_is_caught_by_the_pooled_looks():
 
 def test_looks_pass_a_correct_run():
     strategy = _wide_fit(1.0)
-    assert strategy._checks is not None and strategy._checks.noise_looks == 8
+    assert strategy.mechanism.checks is not None and strategy.mechanism.checks.noise_looks == 8
 
 
 # ---------------------------------------------------------------------------- the observer protocol
@@ -333,9 +333,9 @@ def test_observers_see_every_step_in_order():
     ctx = recorder.contexts[-1]
     assert ctx.sampler is strategy.poisson_sampler and ctx.sampler.sample_rate == strategy.sample_rate
     assert (ctx.step, ctx.fit_step, ctx.sigma, ctx.dataset_size) == (1, 1, 1.0, 64)
-    assert strategy.observers == [recorder, strategy._checks]
+    assert strategy.observers == [recorder, strategy.mechanism.checks]
     strategy.remove_observer(recorder)
-    assert strategy.observers == [strategy._checks]
+    assert strategy.observers == [strategy.mechanism.checks]
 
 
 def test_add_observer_takes_step_observers_only():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,13 @@ def test_readme_links_to_docs_pages_that_exist():
     links = re.findall(r"\]\((docs/[^)#]+)", README.read_text())
     assert links, "the README links to the documentation"
     assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+def test_the_example_of_driving_the_mechanism_without_a_trainer_runs():
+    page = (ROOT / "docs" / "concepts" / "architecture.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, check=True
+    ).stdout
+    promised = code.split("print(mechanism.ledger.segments)  # ", 1)[1].splitlines()[0]
+    assert printed.strip() == promised

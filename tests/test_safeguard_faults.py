@@ -74,7 +74,7 @@ CHECK_MESSAGES = {
 
 def test_a_correct_run_passes_every_look():
     strategy = _checked_fit()
-    checks = strategy._checks
+    checks = strategy.mechanism.checks
     assert checks is not None and checks.done
     assert checks.noise_looks == 3 and checks.sample_looks == 3  # steps 11, 21, 31
 

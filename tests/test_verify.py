@@ -22,7 +22,7 @@ from test_examples import _one_thread  # noqa: F401 - the autouse one-thread fix
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-import lightning_autodp.integration.strategy as strategy_module
+import lightning_autodp.integration.dp_mechanism as mechanism_module
 from lightning_autodp import DPAutoStrategy
 from lightning_autodp.engines.hooks import HooksEngine, _InPlaceGradSampleModule
 from lightning_autodp.safeguards.verify import (
@@ -45,7 +45,7 @@ def results(monkeypatch: pytest.MonkeyPatch) -> list[VerificationResult]:
         seen.append(result)
         return result
 
-    monkeypatch.setattr(strategy_module, "verify_engine", spy)
+    monkeypatch.setattr(mechanism_module, "verify_engine", spy)
     return seen
 
 

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_autodp.integration.strategy import planned_steps, require_dp_auto
+from lightning_autodp.integration.fit_checks import planned_steps
+from lightning_autodp.integration.strategy import require_dp_auto
 from lightning_autodp.mechanism.accounting import (
     ACCOUNTANTS,
     Accountant,

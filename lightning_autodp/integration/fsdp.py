@@ -120,7 +120,8 @@ class DPFSDPStrategy(DPAutoStrategy):
                 "the 'hooks' engine forms per-example gradients of whole parameters, which sharding "
                 "cannot hold. Use DPFSDPStrategy(engine='bk'), or strategy='dp_auto' for engine='hooks'."
             )
-        super().__init__(engine=engine, **kwargs)
+        # "auto" is "bk" here: the one-backward engine that holds at most one bucket of sums
+        super().__init__(engine="bk" if engine == "auto" else engine, **kwargs)
         self.reshard_after_forward = reshard_after_forward
         self.sharded_checkpoint = sharded_checkpoint
         self._sharded_checkpoint_path: Path | None = None
@@ -137,8 +138,6 @@ class DPFSDPStrategy(DPAutoStrategy):
     def prepare_module(self, module: pl.LightningModule) -> None:
         """Check the layers, then shard: the user's FSDP units, else one per block, and the root."""
         self._check_one_backward_layers(module)
-        if self.engine == "auto":
-            self.engine = "bk"
         if not self.is_sharded:
             rank_zero_info("dp_fsdp on one process: nothing to shard, the model stays whole.")
             return
@@ -228,14 +227,13 @@ class DPFSDPStrategy(DPAutoStrategy):
         placeholder = self._placeholder_batch()
         args = (placeholder, *args[1:]) if args else ()
         kwargs = kwargs if args else {**kwargs, "batch": placeholder}
-        assert self._dp_step is not None
-        self._dp_step.discard_next = True  # type: ignore[attr-defined]
+        self.mechanism.discard_next_micro_batch()
         module = self.lightning_module
         with logging_off(module):
             return super().training_step(*args, **kwargs)
 
     def _placeholder_batch(self) -> Any:
-        loader = self._poisson_loader
+        loader = self.mechanism.poisson_loader
         if self._placeholder is None:
             self._placeholder = loader.collate_fn([loader.dataset[0]])
         return self.batch_to_device(self._placeholder)
