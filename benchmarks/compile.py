@@ -20,33 +20,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _encoder
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _encoder_class():
-    spec = importlib.util.spec_from_file_location("run_benchmark", HERE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.Encoder
-
-
 def measure(compiled: bool, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
     import torch._dynamo
-    import torch.nn.functional as F
     from torch._dynamo.utils import counters
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,23 +44,11 @@ def measure(compiled: bool, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     torch._dynamo.reset()
     counters.clear()
-    net = _encoder_class()(args.vocab, args.seq, args.d, args.heads, 4 * args.d, args.layers)
+    net = _encoder.build_encoder(args)
     n = args.batch * args.steps
     x, y = torch.randint(0, args.vocab, (n, args.seq)), torch.randint(0, args.vocab, (n, args.seq))
     times: list[float] = []
     cuda = args.device == "cuda"
-
-    class Task(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            xb, yb = batch
-            return F.nll_loss(self.net(xb), yb.reshape(-1))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *rest: Any) -> None:
@@ -84,7 +61,7 @@ def measure(compiled: bool, args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
-    task: Any = Task()
+    task: Any = _encoder.encoder_task(net)
     if compiled:
         task = torch.compile(task, backend=args.backend)
     strategy = DPAutoStrategy(
@@ -111,28 +88,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _encoder.add_device_argument(parser)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--fixed", action="store_true", help="fixed batches instead of Poisson sampling")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=500)
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, 3 steps: only checks that it runs")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="results prefix (default benchmarks/results/...)"
+    _encoder.add_encoder_arguments(
+        parser,
+        dict(d=64, heads=4, layers=2, seq=32, vocab=500),
+        tiny_help="tiny sizes, 3 steps: only checks that it runs",
     )
+    _encoder.add_out_argument(parser)
     args = parser.parse_args()
     if args.tiny:
-        args.steps, args.warmup, args.batch, args.d, args.heads, args.layers, args.seq, args.vocab = (
-            3, 1, 4, 16, 2, 1, 8, 50,
-        )  # fmt: skip
+        args.steps, args.warmup, args.batch = 3, 1, 4
+        _encoder.use_tiny_encoder(args)
     torch.set_num_threads(2)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()})"
+    device = _encoder.device_label(args.device)
     rows = [measure(False, args), measure(True, args)]
     sampling = "fixed batches" if args.fixed else "Poisson sampling"
     lines = [
@@ -152,12 +125,7 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "cuda_" + device.replace(" ", "_") if args.device == "cuda" else "cpu"
-    prefix = args.out or HERE / "results" / f"compile_{datetime.date.today()}_{tag}"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device, torch=torch.__version__, args={k: str(v) for k, v in vars(args).items()})
-    Path(str(prefix) + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    Path(str(prefix) + ".md").write_text(text)
+    _encoder.write_results("compile", args, device, rows, text)
 
 
 if __name__ == "__main__":

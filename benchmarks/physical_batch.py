@@ -19,55 +19,32 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _encoder
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _run_module():
-    spec = importlib.util.spec_from_file_location("run_benchmark", HERE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure(cap: int | None, args: argparse.Namespace) -> dict[str, Any]:
     """A warm-up, a timed and a memory-profiled step of dp_auto (engine bk) with this cap."""
     import lightning as L
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_autodp import DPAutoStrategy
 
-    run = _run_module()
+    run = _encoder.run_module()
     cuda = args.device == "cuda"
     torch.manual_seed(0)
-    net = run.Encoder(args.vocab, args.seq, args.d, args.heads, 4 * args.d, args.layers)
+    net = _encoder.build_encoder(args)
     x = torch.randint(0, args.vocab, (3 * args.batch, args.seq))
     y = torch.randint(0, args.vocab, (3 * args.batch, args.seq))
     result: dict[str, Any] = {}
-
-    class Task(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            xb, yb = batch
-            return F.nll_loss(self.net(xb), yb.reshape(-1))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
 
     class Measure(L.Callback):
         """Step 0 warms up, step 1 is timed, step 2 is profiled for memory (the CPU profiler is slow)."""
@@ -94,7 +71,7 @@ def measure(cap: int | None, args: argparse.Namespace) -> dict[str, Any]:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[Measure()],
     )  # fmt: skip
-    trainer.fit(Task(), DataLoader(TensorDataset(x, y), batch_size=args.batch))
+    trainer.fit(_encoder.encoder_task(net), DataLoader(TensorDataset(x, y), batch_size=args.batch))
     params_mb = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
     return dict(cap=cap, batch=args.batch, params_mb=params_mb, steps=strategy.steps, **result)
 
@@ -103,23 +80,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _encoder.add_device_argument(parser)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--caps", default="64,32,16,8", help="comma-separated caps (no cap always runs)")
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes: only checks that it runs")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="results prefix (default benchmarks/results/...)"
+    _encoder.add_encoder_arguments(
+        parser,
+        dict(d=128, heads=4, layers=2, seq=64, vocab=1000),
+        tiny_help="tiny sizes: only checks that it runs",
     )
+    _encoder.add_out_argument(parser)
     args = parser.parse_args()
     if args.tiny:
-        args.batch, args.caps, args.d, args.heads, args.layers, args.seq, args.vocab = 8, "3", 16, 2, 1, 8, 50
+        args.batch, args.caps = 8, "3"
+        _encoder.use_tiny_encoder(args)
     torch.set_num_threads(2)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()})"
+    device = _encoder.device_label(args.device)
     caps = [None, *(int(c) for c in args.caps.split(","))]
     rows = [measure(cap, args) for cap in caps]
     base = rows[0]["peak_mb"]
@@ -137,12 +112,7 @@ def main() -> None:
         lines.append(f"| {cap} | {r['peak_mb']:.1f} | {r['peak_mb'] / base:.2f}x | {r['step_s']:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "cuda_" + device.replace(" ", "_") if args.device == "cuda" else "cpu"
-    prefix = args.out or HERE / "results" / f"physical_batch_{datetime.date.today()}_{tag}"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device, torch=torch.__version__, args={k: str(v) for k, v in vars(args).items()})
-    Path(str(prefix) + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    Path(str(prefix) + ".md").write_text(text)
+    _encoder.write_results("physical_batch", args, device, rows, text)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,8 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_autodp.integration.report as report_module
+from lightning_autodp.integration.callbacks import PrivacyBudget, state_key_class
 from lightning_autodp.integration.report import (
+    EpsilonHistory,
     PrivacyReport,
+    _find_budget,
     _pad_single_x,
     draw_privacy_report,
     metric_against_epsilon,
@@ -318,3 +322,57 @@ def test_missing_matplotlib_fails_at_construction(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` sees when absent
     with pytest.raises(ImportError, match=r"lightning-autodp\[report\]"):
         PrivacyReport(metric="val_acc")
+
+
+class OwnBudget(Callback):
+    """A user's own budget callback: the three attributes of EpsilonHistory, one of them a property."""
+
+    target_epsilon = None
+    delta = 1e-6
+
+    def __init__(self) -> None:
+        self._history = [(0, 4, 0.25)]
+
+    @property
+    def history(self) -> list[tuple[int, int, float]]:
+        return self._history
+
+
+def test_privacy_budget_and_a_users_own_callback_are_epsilon_histories() -> None:
+    budget, own = PrivacyBudget(target_epsilon=3.0), OwnBudget()
+    assert isinstance(budget, EpsilonHistory) and isinstance(own, EpsilonHistory)
+    assert isinstance(FakeBudget(), EpsilonHistory)
+    assert not isinstance(PrivacyReport(), EpsilonHistory)
+    # the first EpsilonHistory among the callbacks is the one drawn
+    assert _find_budget(SimpleNamespace(callbacks=[PrivacyReport(), own, budget])) is own
+
+
+@pytest.mark.parametrize("missing", ["history", "target_epsilon", "delta"])
+def test_a_callback_lacking_one_attribute_is_not_an_epsilon_history(missing: str) -> None:
+    # mutation: a finder that tests for any single attribute (hasattr) finds these
+    attributes = {"history": [(0, 4, 0.25)], "target_epsilon": 2.0, "delta": 1e-5}
+    del attributes[missing]
+    partial = type("Partial", (Callback,), attributes)()
+    assert not isinstance(partial, EpsilonHistory)
+    assert _find_budget(SimpleNamespace(callbacks=[partial])) is None
+    assert _find_budget(SimpleNamespace(callbacks=[partial, OwnBudget()])) is not partial
+
+
+def test_checkpoint_state_of_the_privacy_budget_is_found_by_its_state_key() -> None:
+    budget = PrivacyBudget(target_epsilon=3.0, delta=1e-5)
+    assert state_key_class(budget.state_key) == "PrivacyBudget"
+    assert state_key_class(PrivacyReport(metric="val_loss").state_key) == "PrivacyReport"
+    assert state_key_class("ModelCheckpoint") == "ModelCheckpoint"
+    # Another callback's state with a "history" comes first; the PrivacyBudget's is the one read.
+    callbacks = {
+        "OtherCallback": {"history": [[0, 9, 9.0]]},
+        budget.state_key: {"history": [[0, 5, 1.0], [1, 10, 1.5]], "target_epsilon": 3.0, "delta": 1e-5},
+        "Unrelated{'metric_history': 1}": {"metric_history": [[0, 0.1]]},
+        PrivacyReport(metric="val_loss").state_key: {"metric": "val_loss", "metric_history": [[0, 0.5]]},
+    }
+    eps, metric, name, state = read_checkpoint_history({"callbacks": callbacks})
+    assert eps == [(0.0, 1.0), (1.0, 1.5)] and state["target_epsilon"] == 3.0
+    assert metric == [(0.0, 0.5)] and name == "val_loss"
+    # without a PrivacyBudget's key, a user's own callback's state holding a history is read
+    del callbacks[budget.state_key]
+    assert read_checkpoint_history({"callbacks": callbacks})[0] == [(0.0, 9.0)]

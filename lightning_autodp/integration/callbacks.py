@@ -24,6 +24,22 @@ from lightning_autodp.mechanism.calibration import CalibrationRequest, NoiseCali
 from lightning_autodp.mechanism.step import PrivacyLedger
 
 
+def state_key_class(state_key: str) -> str:
+    """The callback class name a checkpoint's callback-state key was made from.
+
+    Lightning saves each callback's state under its ``state_key``: the class's ``__qualname__``,
+    followed, for a callback that builds it with ``Callback._generate_state_key`` (as
+    :attr:`PrivacyBudget.state_key` does), by the ``repr`` of the arguments that tell several
+    instances apart. So ``"PrivacyBudget{'target_epsilon': 3.0, ...}"`` belongs to ``PrivacyBudget``.
+
+    Example::
+
+        >>> state_key_class("PrivacyBudget{'target_epsilon': 3.0, 'delta': 1e-05, 'accountant': 'prv'}")
+        'PrivacyBudget'
+    """
+    return state_key.partition("{")[0]
+
+
 class PrivacyBudget(Callback, NoiseCalibrator):
     r"""Account the privacy spent by ``dp_auto``, calibrate its noise, stop before a target epsilon.
 
@@ -113,6 +129,8 @@ class PrivacyBudget(Callback, NoiseCalibrator):
     @property
     @override
     def state_key(self) -> str:
+        """Where checkpoints keep this callback's state: the class name and the arguments
+        (:func:`state_key_class` reads the class name back)."""
         return self._generate_state_key(
             target_epsilon=self.target_epsilon, delta=self.delta, accountant=self.accountant
         )

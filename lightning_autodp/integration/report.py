@@ -19,6 +19,9 @@ Two ways to get the picture:
 
 The epsilon curve is the accountant's spent budget after each epoch (``PrivacyBudget.history``); it
 grows roughly like ``sqrt(steps)`` under RDP/PRV composition of the subsampled Gaussian mechanism.
+:class:`PrivacyReport` takes it from the first of the Trainer's callbacks that is an
+:class:`EpsilonHistory` (``history``, ``target_epsilon``, ``delta``): ``PrivacyBudget`` is one, and a
+budget callback of your own that has those three attributes is drawn the same way.
 The third panel pairs the two by epoch: the metric after epoch ``e`` against the epsilon spent after
 epoch ``e`` (the privacy-utility curve: what each extra unit of epsilon bought).
 Drawing uses matplotlib's Agg canvas directly, so no display and no global pyplot state is needed.
@@ -32,16 +35,18 @@ import importlib
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_autodp.integration.callbacks import PrivacyBudget, state_key_class
 from lightning_autodp.safeguards.audit.canaries import audit_lower_bound
 
 __all__ = [
+    "EpsilonHistory",
     "PrivacyReport",
     "draw_privacy_report",
     "metric_against_epsilon",
@@ -227,11 +232,16 @@ def read_metrics_csv(path: str | Path, metric: str = "val_acc") -> tuple[Series,
     return series("epsilon"), series(metric) if metric in columns else []
 
 
-def _find_state(callbacks: dict[str, Any], prefix: str, key: str) -> dict[str, Any] | None:
-    # Callback states are stored under ``Callback.state_key``, which is the class name followed by
-    # the constructor arguments that make it unique: match on the class name first, then on shape.
+def _find_state(callbacks: dict[str, Any], owner: type[Callback], key: str) -> dict[str, Any] | None:
+    """The checkpointed state of an ``owner`` callback holding ``key``, else of any callback holding it.
+
+    A checkpoint keeps each callback's state under the callback's ``state_key``; the owner's is told
+    by its class name (:func:`~lightning_autodp.integration.callbacks.state_key_class`). The second
+    pass finds the state of a callback of your own (an :class:`EpsilonHistory` saving ``history``)
+    under whatever key it has.
+    """
     for name, state in callbacks.items():
-        if str(name).startswith(prefix) and isinstance(state, dict) and key in state:
+        if state_key_class(str(name)) == owner.__qualname__ and isinstance(state, dict) and key in state:
             return state
     for state in callbacks.values():
         if isinstance(state, dict) and key in state:
@@ -260,14 +270,14 @@ def read_checkpoint_history(
 
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     callbacks = ckpt.get("callbacks") or {}
-    budget = _find_state(callbacks, "PrivacyBudget", "history")
+    budget = _find_state(callbacks, PrivacyBudget, "history")
     if budget is None:
         raise ValueError(
             "The checkpoint holds no PrivacyBudget state. Attach PrivacyBudget(...) to the Trainer "
             "that writes the checkpoint, or draw from the run's metrics.csv instead."
         )
     eps = _last_per_epoch((float(h[0]), float(h[-1])) for h in budget["history"])
-    report = _find_state(callbacks, "PrivacyReport", "metric_history")
+    report = _find_state(callbacks, PrivacyReport, "metric_history")
     if report is None:
         return eps, [], None, budget
     metric = _last_per_epoch((float(e), float(v)) for e, v in report["metric_history"])
@@ -314,26 +324,55 @@ def plot_privacy_report(
     )
 
 
-def _find_budget(trainer: pl.Trainer) -> Any | None:
-    # Duck-typed so that this module does not import the callback (and a user's own budget
-    # callback with the same two attributes works too).
-    for cb in trainer.callbacks:
-        if hasattr(cb, "history") and hasattr(cb, "epsilon"):
-            return cb
-    return None
+@runtime_checkable
+class EpsilonHistory(Protocol):
+    """A callback that records the epsilon spent after every epoch: what :class:`PrivacyReport` draws.
+
+    :class:`~lightning_autodp.PrivacyBudget` is one. A budget callback of your own is drawn too when
+    it has these three attributes (plain attributes or properties):
+
+    * ``history``: one ``(epoch, ..., epsilon)`` tuple per finished epoch, epoch first and epsilon
+      last (``PrivacyBudget`` records ``(epoch, step, epsilon)``);
+    * ``target_epsilon``: drawn as a dashed line, or ``None`` for none;
+    * ``delta``: shown in the epsilon panel's title, or ``None``.
+
+    Example::
+
+        class MyBudget(Callback):
+            target_epsilon, delta = 8.0, 1e-5
+
+            def __init__(self):
+                self.history = []  # (epoch, step, epsilon), appended in on_train_epoch_end
+
+        assert isinstance(MyBudget(), EpsilonHistory)
+    """
+
+    @property
+    def history(self) -> Sequence[tuple[float, ...]]: ...
+
+    @property
+    def target_epsilon(self) -> float | None: ...
+
+    @property
+    def delta(self) -> float | None: ...
+
+
+def _find_budget(trainer: pl.Trainer) -> EpsilonHistory | None:
+    """The first of the Trainer's callbacks that is an :class:`EpsilonHistory`, else ``None``."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, EpsilonHistory)), None)
 
 
 class PrivacyReport(Callback):
     """Write ``privacy_report.png`` (epsilon and a validation metric per epoch) at the end of fit.
 
     It reads the epsilon history from the :class:`~lightning_autodp.PrivacyBudget` callback
-    attached to the same Trainer and records ``trainer.callback_metrics[metric]`` after every
-    validation run. It reads the metric in ``on_validation_end``, as ``EarlyStopping`` and
-    ``ModelCheckpoint`` do: Lightning calls callbacks' ``on_validation_epoch_end`` *before* the
-    LightningModule's own, so a metric the module logs there would be read one epoch late.
-    The file goes to ``trainer.log_dir`` (the logger's folder, e.g.
-    ``lightning_logs/version_0``). The recorded metric history is saved in checkpoints, so
-    :func:`plot_privacy_report` can redraw the picture from a checkpoint.
+    attached to the same Trainer (or from another :class:`EpsilonHistory`) and records
+    ``trainer.callback_metrics[metric]`` after every validation run. It reads the metric in
+    ``on_validation_end``, as ``EarlyStopping`` and ``ModelCheckpoint`` do: Lightning calls
+    callbacks' ``on_validation_epoch_end`` *before* the LightningModule's own, so a metric the
+    module logs there would be read one epoch late. The file goes to ``trainer.log_dir`` (the
+    logger's folder, e.g. ``lightning_logs/version_0``). The recorded metric history is saved in
+    checkpoints, so :func:`plot_privacy_report` can redraw the picture from a checkpoint.
 
     Args:
         metric: name of the logged validation metric to draw beside epsilon.
@@ -398,8 +437,8 @@ class PrivacyReport(Callback):
             _last_per_epoch(self.metric_history),
             out,
             metric_name=self.metric,
-            target_epsilon=getattr(budget, "target_epsilon", None),
-            delta=getattr(budget, "delta", None),
+            target_epsilon=budget.target_epsilon,
+            delta=budget.delta,
             audit_lower_bound=audit_lower_bound(trainer),  # audit: a PrivacyAudit's bound, if one ran
         )
         rank_zero_info(f"PrivacyReport: wrote {self.path}")
