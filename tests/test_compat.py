@@ -1,4 +1,4 @@
-"""Each private Lightning/torch access in lightning_autodp.integration._compat, exercised on its own."""
+"""Each private Lightning/torch access in lightning_autodp._compat, exercised on its own."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
-from lightning_autodp import DPAutoStrategy
-from lightning_autodp.integration import _compat
+from lightning_autodp import DPAutoStrategy, _compat
 from tests.models import Classifier, loader, make_case, quiet_trainer
 
 

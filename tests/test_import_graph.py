@@ -122,6 +122,27 @@ def test_the_mechanism_imports_neither_safeguards_nor_integration():
     assert upward == []
 
 
+#: the one module outside the integration that imports it: the audit's command line runs a Trainer
+_CLI = "lightning_autodp.safeguards.audit.__main__"
+
+
+def test_only_the_integration_imports_the_integration():
+    """Engines and safeguards are usable without the Lightning glue (private accesses sit in _compat)."""
+    graph = import_graph()
+    assert "lightning_autodp.engines.hooks" in graph and "lightning_autodp._compat" in graph
+    upward = sorted(
+        (m, dep)
+        for m in graph
+        if m.startswith(
+            ("lightning_autodp.engines", "lightning_autodp.safeguards", "lightning_autodp.mechanism")
+        )
+        and m != _CLI
+        for dep in graph[m]
+        if dep.startswith("lightning_autodp.integration")
+    )
+    assert upward == []
+
+
 def test_sources_compile_without_warnings():
     """No SyntaxWarning (e.g. an invalid escape in a docstring) on the first import of any module."""
     examples = ROOT.parent / "examples"

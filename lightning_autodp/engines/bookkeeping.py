@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_autodp import _compat
 from lightning_autodp.engines import rules
 from lightning_autodp.engines.base import PerSampleEngine, add_into
 from lightning_autodp.engines.contributions import (
@@ -70,7 +71,6 @@ from lightning_autodp.engines.contributions import (
 )
 from lightning_autodp.engines.lift import Lifting
 from lightning_autodp.engines.rule import Handle, LayerRule, find_rule
-from lightning_autodp.integration import _compat
 
 _TRANSFORMER_CONTAINERS = (
     nn.Transformer,

@@ -25,9 +25,9 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from lightning_autodp import _compat
 from lightning_autodp.engines.base import PerSampleEngine, add_into
 from lightning_autodp.engines.rules.batchnorm import BATCH_NORMS, normalised_with_running_statistics
-from lightning_autodp.integration import _compat
 from lightning_autodp.safeguards.batchnorm import check_per_example
 
 _HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()

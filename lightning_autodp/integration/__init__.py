@@ -2,5 +2,6 @@
 
 ``DPAutoStrategy`` ("dp_auto") and ``DPFSDPStrategy`` ("dp_fsdp") map Lightning's hooks onto the
 mechanism of :mod:`lightning_autodp.mechanism`; ``PrivacyBudget`` accounts and calibrates;
-:mod:`._compat` holds every access to private Lightning and torch internals.
+:mod:`lightning_autodp._compat` holds every access to private Lightning, torch and Opacus internals
+(shared by every layer, so that the engines need not import the integration).
 """

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_autodp import _compat
 from lightning_autodp.engines import PerSampleEngine
-from lightning_autodp.integration import _compat
 
 
 def check_compiled_module(module: nn.Module, engine: PerSampleEngine) -> None:

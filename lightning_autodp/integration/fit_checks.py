@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.precision.half import HalfPrecision
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_autodp.integration import _compat
+from lightning_autodp import _compat
 from lightning_autodp.mechanism.calibration import NoiseCalibrator
 from lightning_autodp.safeguards.batchnorm import refuse_unsupported_batch_norms
 

@@ -39,8 +39,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_autodp import _compat
 from lightning_autodp.engines.bookkeeping import BookKeepingEngine
-from lightning_autodp.integration import _compat
 from lightning_autodp.integration.strategy import CHECKPOINT_KEY, DPAutoStrategy
 from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.batches import size_or_reason, slice_batch

@@ -1,7 +1,8 @@
 """The Lightning glue: :class:`DPAutoStrategy`, registered as ``strategy="dp_auto"``.
 
-The DP math lives in :mod:`lightning_autodp.mechanism.step` (framework-free); this module maps Lightning's
-hooks onto it. Private Lightning/torch accesses go through :mod:`lightning_autodp.integration._compat`.
+A private fit is one :class:`~lightning_autodp.integration.dp_mechanism.DPMechanism` (configuration,
+sigma, seed, engine, DP step, noise, Poisson loader, observers, ledger); this module maps Lightning's
+hooks onto it. Private Lightning/torch accesses go through :mod:`lightning_autodp._compat`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch.distributed.constants import default_pg_timeout
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_autodp.integration import _compat, fit_checks, physical, summary
+from lightning_autodp import _compat
+from lightning_autodp.integration import fit_checks, physical, summary
 from lightning_autodp.integration.dp_mechanism import AUTO, DPConfig, DPMechanism
 from lightning_autodp.mechanism import distributed
 from lightning_autodp.mechanism.clipping import DEFAULT_CLIPPING, ClippingMode

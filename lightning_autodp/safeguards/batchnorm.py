@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_autodp.integration import _compat
+from lightning_autodp import _compat
 
 #: where the user reads how to freeze a BatchNorm for DP fine-tuning
 DOC = "docs/how-to/frozen-batchnorm.md"

@@ -2,8 +2,9 @@
 
 Each function or constant wraps one private attribute, class or function; ``tests/test_compat.py``
 exercises each, so a Lightning or torch upgrade that moves one breaks a named test here instead of
-a training run. Lightning is imported inside the functions that need it: the engines import the
-torch constants below without pulling in Lightning.
+a training run. It sits at the package's root, below every layer: the engines and the safeguards
+use it without importing the Lightning integration, and Lightning is imported inside the functions
+that need it, so the engines import the torch constants below without pulling in Lightning.
 
 Not routed through here (each is the subclass side of a documented extension point, not a reach
 into someone else's object): ``DPAutoStrategy`` overriding ``DDPStrategy._setup_model`` /
