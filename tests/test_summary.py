@@ -5,6 +5,7 @@ Every epsilon printed is checked against Opacus's accountant stepped here (tests
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -166,3 +167,12 @@ def test_calibrating_without_a_target_names_both_fixes():
 def test_the_start_line_names_the_clipping_and_its_gamma_where_it_has_one(kwargs, shown):
     line = summary.format_start_line(DPAutoStrategy(noise_multiplier=1.0, **kwargs), 10)
     assert shown in line
+
+
+def test_the_start_line_names_the_engine_auto_chose(caplog):
+    net, x, y = make_case("linear", n=N)
+    trainer = quiet_trainer(strategy=DPAutoStrategy(noise_multiplier=1.0), max_steps=1)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(Classifier(net), loader(x, y, batch_size=BATCH))
+    started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dp_auto: sigma=1,")]
+    assert len(started) == 1 and "; engine=bk, clipping=psac" in started[0]

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_autodp.mechanism.clipping import DEFAULT_GAMMA
+
+if TYPE_CHECKING:
+    from lightning_autodp.integration.callbacks import PrivacyBudget
+    from lightning_autodp.integration.strategy import DPAutoStrategy
+    from lightning_autodp.mechanism.step import PrivacyLedger
 
 #: delta used for the end-of-fit epsilon when no PrivacyBudget sets one (see :func:`default_delta`)
 DEFAULT_DELTA = 1e-5
@@ -81,7 +86,7 @@ def format_fit_summary(s: FitSummary) -> str:
     return line + "."
 
 
-def find_budget(trainer: pl.Trainer) -> Any | None:
+def find_budget(trainer: pl.Trainer) -> PrivacyBudget | None:
     """The Trainer's first :class:`~lightning_autodp.PrivacyBudget` (the one that calibrates sigma)."""
     # imported here: the callback imports the strategy, which imports this module
     from lightning_autodp.integration.callbacks import PrivacyBudget
@@ -89,9 +94,9 @@ def find_budget(trainer: pl.Trainer) -> Any | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyBudget)), None)
 
 
-def stop_reason(trainer: pl.Trainer, budget: Any | None = None) -> str:
+def stop_reason(trainer: pl.Trainer, budget: PrivacyBudget | None = None) -> str:
     """Why the fit loop ended, most specific first: the privacy budget, max_steps, max_epochs, a callback."""
-    if budget is not None and getattr(budget, "stopped_by_budget", False):
+    if budget is not None and budget.stopped_by_budget:
         return f"PrivacyBudget: one more step would exceed target_epsilon={budget.target_epsilon:g}"
     if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
         return f"max_steps={trainer.max_steps} reached"
@@ -106,7 +111,7 @@ def stop_reason(trainer: pl.Trainer, budget: Any | None = None) -> str:
     return "the fit loop ended"
 
 
-def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
+def summarize_fit(strategy: DPAutoStrategy, trainer: pl.Trainer) -> FitSummary:
     """Collect the :class:`FitSummary` of a finished ``dp_auto`` fit."""
     budget = find_budget(trainer)
     sigma_or_name = strategy.noise_multiplier
@@ -117,7 +122,7 @@ def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
         "sample_rate": q,
         "stop_reason": stop_reason(trainer, budget),
         "poisson_sampling": bool(strategy.poisson_sampling),
-        "strategy": str(getattr(strategy, "strategy_name", "dp_auto")),
+        "strategy": strategy.strategy_name,
     }
     if budget is not None:
         return FitSummary(
@@ -134,7 +139,7 @@ def summarize_fit(strategy: Any, trainer: pl.Trainer) -> FitSummary:
     return FitSummary(steps=ledger.steps, epsilon=ledger_epsilon(ledger, delta), delta=delta, **common)
 
 
-def ledger_epsilon(ledger: Any, delta: float) -> float | None:
+def ledger_epsilon(ledger: PrivacyLedger, delta: float) -> float | None:
     """Epsilon at ``delta`` of a :class:`~lightning_autodp.mechanism.step.PrivacyLedger`.
 
     None where q is unknown.
@@ -149,38 +154,39 @@ def ledger_epsilon(ledger: Any, delta: float) -> float | None:
     return float(ledger.epsilon(delta, DEFAULT_ACCOUNTANT))
 
 
-def _sample_rate_or_none(strategy: Any) -> float | None:
+def _sample_rate_or_none(strategy: DPAutoStrategy) -> float | None:
     try:
         return float(strategy.sample_rate)
     except RuntimeError:  # no training DataLoader with a known size and batch size
         return None
 
 
-def log_fit_summary(strategy: Any, trainer: pl.Trainer) -> FitSummary:
+def log_fit_summary(strategy: DPAutoStrategy, trainer: pl.Trainer) -> FitSummary:
     """Print the end-of-fit line on rank 0 (every rank computes it: no collective is needed)."""
     summary = summarize_fit(strategy, trainer)
     rank_zero_info(format_fit_summary(summary))
     return summary
 
 
-def format_start_line(strategy: Any, planned_steps: float) -> str:
+def format_start_line(strategy: DPAutoStrategy, planned_steps: float) -> str:
     """The start-of-fit line: engine, clipping, sigma, q, N and the planned number of steps."""
     sigma = strategy.noise_multiplier
     sigma_text = f"{sigma:.4g}" if isinstance(sigma, (int, float)) else str(sigma)
     q = _sample_rate_or_none(strategy)
-    engine = getattr(getattr(strategy, "_engine", None), "name", strategy.engine)
+    attached = strategy.mechanism.engine  # what "auto" resolved to, once the model is set up
+    engine = attached.name if attached is not None else strategy.engine
     clipping = f"clipping={strategy.clipping}, max_grad_norm={strategy.max_grad_norm:g}"
     if strategy.clipping in DEFAULT_GAMMA:
         clipping += f", gamma={strategy.gamma:g}"
     planned = "until stopped" if not math.isfinite(planned_steps) else f"{int(planned_steps)} steps planned"
     return (
-        f"{getattr(strategy, 'strategy_name', 'dp_auto')}: sigma={sigma_text}, "
+        f"{strategy.strategy_name}: sigma={sigma_text}, "
         f"q={'unknown' if q is None else f'{q:.4g}'}, "
         f"N={strategy.dataset_size}, {planned}; engine={engine}, {clipping}, "
-        f"poisson_sampling={strategy.poisson_sampling}, secure_mode={getattr(strategy, 'secure_mode', False)}"
+        f"poisson_sampling={strategy.poisson_sampling}, secure_mode={strategy.secure_mode}"
     )
 
 
-def log_start_line(strategy: Any, trainer: pl.Trainer) -> None:
+def log_start_line(strategy: DPAutoStrategy, trainer: pl.Trainer) -> None:
     """Print the start-of-fit line on rank 0, once sigma is settled (the strategy's on_train_start)."""
     rank_zero_info(format_start_line(strategy, trainer.estimated_stepping_batches))
