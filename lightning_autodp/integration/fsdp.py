@@ -1,9 +1,13 @@
 r""":class:`DPFSDPStrategy`, registered as ``strategy="dp_fsdp"``: dp_auto with the model sharded (FSDP2).
 
-Same DP semantics as :class:`~lightning_autodp.DPAutoStrategy` (per-example clipping over all
-trainable parameters jointly, the clipped sums summed over ranks, noise :math:`\sigma R z` in
-each coordinate exactly once, Poisson sampling, accumulation, the privacy ledger), with every
-trainable parameter split over the ranks by ``torch.distributed.fsdp.fully_shard``:
+Same DP semantics as :class:`~lightning_autodp.DPAutoStrategy`, from the same
+:class:`~lightning_autodp.integration.dp_mechanism.DPMechanism` driven by the same hooks
+(per-example clipping over all trainable parameters jointly, the clipped sums summed over ranks,
+noise :math:`\sigma R z` in each coordinate exactly once, Poisson sampling, accumulation, the
+privacy ledger), with every trainable parameter split over the ranks by
+``torch.distributed.fsdp.fully_shard``. What this module adds is what sharding needs: the sharding
+itself, the sharded DP step, the same verification examples on every rank, placeholder examples for
+ranks with an empty Poisson sample, and sharded checkpoints. Why the semantics survive sharding:
 
 * the one-backward engines (``bk``, ``ghost``) compute per-example norms from each layer's input
   and output gradient, which a rank has in full for its own examples: no per-example gradient is
@@ -104,6 +108,7 @@ class DPFSDPStrategy(DPAutoStrategy):
     strategy_description = (
         "Differentially private training with the model sharded by FSDP2 (lightning-autodp)"
     )
+    #: the mechanism's DP step: reduce-scatter of the clipped sums, noise on each rank's own shard
     dp_step_class = ShardedDPStep
 
     def __init__(
