@@ -12,6 +12,7 @@ Timings on a shared machine are noisy: compare the two columns of one run, not r
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import statistics
@@ -50,6 +51,7 @@ def main() -> None:
         "accounted_epsilon": results[0][0],
         "audit_lower_bound": results[0][1],
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
+        "date": datetime.date.today().isoformat(),
     }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

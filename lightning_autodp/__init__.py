@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_autodp.engines.hooks import HooksEngineError
 from lightning_autodp.integration.callbacks import PrivacyBudget
+from lightning_autodp.integration.dp_mechanism import DPConfig, DPMechanism
 from lightning_autodp.integration.fsdp import DPFSDPStrategy
 from lightning_autodp.integration.strategy import DPAutoStrategy
 from lightning_autodp.mechanism.accounting import Accountant
@@ -33,7 +34,9 @@ __all__ = [
     "Accountant",
     "BatchNormModeError",
     "DPAutoStrategy",
+    "DPConfig",
     "DPFSDPStrategy",
+    "DPMechanism",
     "DistributedPoissonBatchSampler",
     "EmptyBatch",
     "EngineVerificationError",
