@@ -147,6 +147,10 @@ class DPAutoStrategy(DDPStrategy):
             DataLoader is set up).
         sample_rate: :math:`q`, the probability that an example enters one step (property).
         expected_batch_size: :math:`B = qN` (property).
+        config: the validated, read-only :class:`~lightning_autodp.DPConfig` (the arguments above;
+            ``strategy.clipping`` etc. read it).
+        mechanism: the :class:`~lightning_autodp.DPMechanism` this strategy drives: sigma, seed,
+            engine, DP step, noise, Poisson loader, observers and the privacy ledger of the fit.
 
     Every fit prints one line at its start (sigma, q, N, planned steps, engine, clipping) and one at
     its end (steps, why it stopped, sigma, q, and epsilon at delta: the PrivacyBudget's, or at a
