@@ -1,4 +1,4 @@
-"""Tiny random-config transformers models (GPT-2, BERT, Llama, ViT), full fine-tune or peft LoRA.
+"""Tiny random-config transformers models (text, vision, speech), full fine-tune or peft LoRA.
 
 Each case gives a model (float64, dropout 0), a batch (a dict of tensors, as a transformers
 collator makes) and the per-example losses ``(B,)`` of a batch, so that tests can compare an
@@ -97,7 +97,7 @@ def example(batch: Batch, i: int) -> Batch:
 
 #: families whose layers see rows that are not one per example, share weights across rules, or
 #: carry parametrised weights (see docs/how-to/models.md)
-MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral")
+MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral", "whisper", "wav2vec2")
 
 
 def _seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -108,6 +108,27 @@ def _seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
         decoder_input_ids=batch["decoder_input_ids"],
     )
     return F.cross_entropy(out.logits.transpose(1, 2), batch["labels"], reduction="none").mean(1)
+
+
+def _whisper_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Teacher-forced cross-entropy of Whisper's decoder on log-mel features: ``(B,)``."""
+    out = model(
+        input_features=batch["input_features"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        decoder_attention_mask=batch["decoder_attention_mask"],
+    )
+    return F.cross_entropy(out.logits.transpose(1, 2), batch["labels"], reduction="none").mean(1)
+
+
+def _ctc_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """CTC loss of a Wav2Vec2ForCTC on raw waveforms, per target token (blank = pad = 0): ``(B,)``."""
+    mask = batch["attention_mask"]
+    logits = model(input_values=batch["input_values"], attention_mask=mask).logits
+    frames = model.wav2vec2._get_feat_extract_output_lengths(mask.sum(-1)).long()
+    targets = batch["labels"]
+    lengths = torch.full((len(targets),), targets.shape[1], dtype=torch.long)
+    log_probs = F.log_softmax(logits, -1).transpose(0, 1)
+    return F.ctc_loss(log_probs, targets, frames, lengths, blank=0, reduction="none") / lengths
 
 
 def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tuple[nn.Module, Batch, LossFn]:
@@ -163,6 +184,44 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
         model, targets = tf.SwinForImageClassification(cfg), ["q_proj", "v_proj"]
         batch = {"pixel_values": torch.randn(n, 3, 16, 16, generator=g), "labels": labels}
         loss = _cls_loss
+    elif family == "whisper":
+        # input_features: (B, num_mel_bins, 2 * max_source_positions), as Whisper's feature extractor pads
+        cfg = tf.WhisperConfig(
+            vocab_size=VOCAB, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+            max_source_positions=6, max_target_positions=16, dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0, decoder_start_token_id=0,
+            pad_token_id=0, bos_token_id=0, eos_token_id=0, begin_suppress_tokens=None,
+        )  # fmt: skip
+        model, targets = tf.WhisperForConditionalGeneration(cfg), ["q_proj", "v_proj"]
+        target = torch.randint(1, VOCAB, (n, T - 1), generator=g)
+        start = torch.zeros(n, 1, dtype=torch.long)
+        batch = {
+            "input_features": torch.randn(n, 8, 12, generator=g),
+            "decoder_input_ids": torch.cat([start, target[:, :-1]], 1),
+            "decoder_attention_mask": mask[:, 1:],
+            "labels": target,
+        }
+        loss = _whisper_loss
+    elif family == "wav2vec2":
+        # Wav2Vec2ForCTC, base layout: GroupNorm on the first conv of the feature encoder, a grouped
+        # positional conv under weight norm; no SpecAugment masking, no layer drop, no dropout.
+        cfg = tf.Wav2Vec2Config(
+            vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(8, 8), conv_stride=(3, 2), conv_kernel=(5, 3), feat_extract_norm="group",
+            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, hidden_dropout=0.0,
+            activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
+            layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0, pad_token_id=0,
+        )  # fmt: skip
+        model, targets = tf.Wav2Vec2ForCTC(cfg), ["q_proj", "v_proj"]
+        samples = torch.ones(n, 40, dtype=torch.long)
+        samples[0, -8:] = 0  # one padded waveform: 5 frames, 4 for the padded one
+        batch = {
+            "input_values": torch.randn(n, 40, generator=g) * samples,
+            "attention_mask": samples,
+            "labels": torch.randint(1, 8, (n, 3), generator=g),
+        }
+        loss = _ctc_loss
     else:
         raise KeyError(family)
     model = model.double()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -587,6 +588,47 @@ def test_layer_seeing_another_batch_size_gets_exact_gradients_at_its_module():
     sq = engine.per_sample_squared_norms()
     engine.remove()
     assert torch.allclose(sq, ref, rtol=1e-10, atol=0)
+
+
+class ZeroPadded(nn.Module):
+    """Zeroes the padded (all-zero) frames of ``layer``'s output in place, as Wav2Vec2's encoder does
+    with its feature projection's output (``hidden_states[~mask] = 0``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer(x)
+        h[x.abs().sum(-1) == 0] = 0
+        return h
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+@pytest.mark.parametrize("layer", ["linear", "per_module", "lifted"])
+def test_outputs_modified_in_place_get_exact_gradients(layer, engine_cls):
+    """The output of a layer rule (a Linear with a bias on ``(B, T, d)``), of a module under the
+    per-module rule, or of the module a layer's parameters are lifted to, modified in place."""
+    torch.manual_seed(0)
+    inner = {"linear": nn.Linear(4, 4), "per_module": ScaledLayerNorm(4), "lifted": SharedTableBias()}[layer]
+    net = nn.Sequential(nn.Linear(4, 4), ZeroPadded(inner), nn.Tanh(), Pool(), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    x[0, -2:] = 0
+    net[0].bias.data.zero_()  # padded frames stay all-zero up to the masked layer
+
+    def loss(m: nn.Module, inputs: Tensor) -> Tensor:
+        return m(inputs).pow(2).sum(1)
+
+    params, grads = _reference(copy.deepcopy(net), x, loss)
+    ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    weights = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fallbacks' announcements
+        engine, sq_norms, summed, _ = _engine_outputs(net, x, loss, weights, engine_cls)
+    engine.remove()
+    assert _rel(sq_norms, ref_sq) < 1e-10
+    for k, p in enumerate(p for p in net.parameters() if p.requires_grad):
+        assert _rel(summed[p], sum(w * gi[k] for w, gi in zip(weights, grads))) < 1e-10
 
 
 class SummedOverBatch(SharedTableBias):

@@ -4,7 +4,11 @@
   the torch.func rule tied to a Linear; a cell called once per time step): the norm of the sum of its uses;
 * rows that are not one per example (T5's batch-free relative bias table, OPT's flattened tokens,
   Swin's windows, a sparse mixture of experts): exact per-example gradients at an enclosing module;
-* weights under ``torch.nn.utils.parametrize`` (weight norm, spectral norm).
+* weights under ``torch.nn.utils.parametrize`` (weight norm, spectral norm);
+* speech models: Whisper (log-mel features through convolutions, decoder positions behind an overridden
+  embedding forward, ``proj_out`` tied to the token embedding) and Wav2Vec2 for CTC (a GroupNorm feature
+  encoder on raw waveforms, a grouped positional convolution under weight norm, padded frames zeroed in
+  place).
 
 Each mechanism has a mutation (the fault put in with ``monkeypatch``) that the same comparison catches.
 """
@@ -12,6 +16,7 @@ Each mechanism has a mutation (the fault put in with ``monkeypatch``) that the s
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 
@@ -117,6 +122,45 @@ def test_fallbacks_are_announced_once_naming_the_layer_and_the_module(family):
     assert all("computed exactly with torch.func on the enclosing module" in m for m in messages)
 
 
+#: what the per-module rule is announced for in the speech models, at the engine's construction
+SPEECH_FALLBACKS = {
+    "whisper": r"model\.decoder\.embed_positions \(WhisperPositionalEmbedding; parameters weight\): it "
+    r"overrides nn\.Embedding\.forward\.",
+    "wav2vec2": r"wav2vec2\.encoder\.pos_conv_embed\.conv \(ParametrizedConv1d; parameters bias, "
+    r"parametrizations\.weight\.original0, parametrizations\.weight\.original1\): its weights are "
+    r"computed by torch\.nn\.utils\.parametrize",
+}
+
+
+@pytest.mark.parametrize("family", ["whisper", "wav2vec2"])
+def test_speech_models_announce_their_per_module_layer_once(family):
+    """Announced once, at the engine's construction, naming the layer and its parameters; no layer is
+    handed to an enclosing module in the steps, and LoRA on q/v leaves nothing to announce."""
+    model, batch, loss = build_more(family)
+    n = len(next(iter(batch.values())))
+    with pytest.warns(
+        UserWarning, match=r"engine='bk' computes exact per-example gradients with torch\.func"
+    ) as caught:
+        engine = make_engine("bk", model)
+    announced = [str(w.message) for w in caught if "torch.func" in str(w.message)]
+    assert len(announced) == 1
+    assert re.search(SPEECH_FALLBACKS[family], announced[0])
+    for _ in range(2):
+        engine.expect_batch_size(n)
+        with warnings.catch_warnings(record=True) as steps, engine.capturing():
+            warnings.simplefilter("always")
+            loss(model, batch).sum().backward()
+        assert not [w for w in steps if "dp_auto" in str(w.message)]
+        engine.per_sample_squared_norms()
+        engine.reset()
+    engine.remove()
+    lora, _, _ = build_more(family, lora=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_engine("bk", lora).remove()
+    assert not [w for w in caught if "dp_auto" in str(w.message)]
+
+
 # ------------------------------------------------------------------------------ mutations
 
 
@@ -126,22 +170,25 @@ def _sum_of_per_use_norms(param, vectors):
 
 
 @pytest.mark.parametrize("engine_name", ["bk", "ghost"])
-def test_dropping_the_cross_term_of_a_tied_weight_is_caught(engine_name, monkeypatch):
-    """Gemma: the scaled embedding and the tied lm_head, two factors of one parameter (ghost norm)."""
+@pytest.mark.parametrize("family", ["gemma", "whisper"])
+def test_dropping_the_cross_term_of_a_tied_weight_is_caught(family, engine_name, monkeypatch):
+    """Gemma: the scaled embedding and the tied lm_head; Whisper: the decoder's token embedding and the
+    tied proj_out. Two factors of one parameter (ghost norm)."""
     inner = contributions._inner
 
     def without_cross_terms(c1, c2):
         return inner(c1, c2) if c1 is c2 else torch.zeros_like(inner(c1, c2))
 
     monkeypatch.setattr(contributions, "_inner", without_cross_terms)
-    norms, _ = _errors(_hf_run("gemma", engine_name))
+    norms, _ = _errors(_hf_run(family, engine_name))
     assert norms > 1e-3
 
 
-@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral"])
+@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2"])
 def test_attributing_the_summed_gradient_of_a_lifted_layer_is_caught(family, monkeypatch):
     """The fault: every example gets the batch's mean output gradient at the enclosing module (what a
-    rule that cannot tell the rows apart would attribute)."""
+    rule that cannot tell the rows apart would attribute), or at the owning module under the per-module
+    rule (Whisper's decoder positions, Wav2Vec2's weight-normed positional convolution)."""
     record = module_rule.TappedCall.record
 
     def mean_gradient(self, batch, saved_outs, grads):
@@ -277,7 +324,7 @@ def test_a_second_power_iteration_in_the_recomputation_is_caught(monkeypatch):
 # ------------------------------------------------------------------------------ a Lightning fit
 
 
-@pytest.mark.parametrize("family", ["t5", "gemma", "swin"])
+@pytest.mark.parametrize("family", ["t5", "gemma", "swin", "whisper", "wav2vec2"])
 def test_lightning_step_with_verification_matches_per_example_loop(family):
     """One DP-SGD step (sigma = 0, AUTO-S) of a fit with engine='auto' and verify on (the default)."""
     model, batch, loss = build_more(family)
@@ -373,9 +420,10 @@ def _float32_norms(family: str, autocast: bool) -> Tensor:
     return sq.detach()
 
 
-@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral"])
+@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2"])
 def test_lifted_layers_train_under_bf16_autocast(family):
-    """The recomputation at the enclosing module runs in backward, outside autocast: it upcasts the
-    half-precision inputs and is compared with the forward at bf16's tolerance (no false refusal)."""
+    """The recomputation at the enclosing (or owning) module runs in backward, outside autocast: it
+    upcasts the half-precision inputs and is compared with the forward at bf16's tolerance (no false
+    refusal)."""
     exact, mixed = _float32_norms(family, False), _float32_norms(family, True)
     assert float((mixed - exact).norm() / exact.norm()) < 5e-2

@@ -38,7 +38,12 @@ class LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.handle, ctx.in_out = handle, in_out
         handle.count_use(handle.weight)
-        return F.linear(x, weight.t() if in_out else weight, bias)
+        out = F.linear(x, weight.t() if in_out else weight, bias)
+        # With a bias and an input of more than two dims, F.linear returns a view of its matrix product
+        # (addmm, then view). Autograd forbids modifying in place a view made inside a custom Function,
+        # and models do modify layer outputs in place (Wav2Vec2 zeroes its padded frames with
+        # `hidden_states[~mask] = 0`): the output gets storage of its own.
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:

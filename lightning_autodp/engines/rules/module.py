@@ -72,6 +72,15 @@ def floating(leaf: Any) -> bool:
     return isinstance(leaf, Tensor) and leaf.is_floating_point()
 
 
+def _own(out: Tensor) -> Tensor:
+    """A copy of ``out``: the model may modify ``M``'s outputs in place (autograd forbids that on a view
+    made inside a custom Function), and the outputs saved for the recomputation check must stay the
+    ones ``M`` computed. A table expanded to the batch (stride 0) cannot be written in place: a view."""
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        return out.view_as(out)
+    return out.clone()
+
+
 class _Tap(torch.autograd.Function):
     """Identity on ``M``'s outputs whose backward hands the output gradients to ``record``.
 
@@ -84,7 +93,7 @@ class _Tap(torch.autograd.Function):
         ctx: Any, record: Callable[[tuple[Tensor, ...]], None], n_params: int, *tensors: Tensor
     ) -> Any:
         ctx.record, ctx.n_params = record, n_params
-        return tuple(o.view_as(o) for o in tensors[n_params:])
+        return tuple(_own(o) for o in tensors[n_params:])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
