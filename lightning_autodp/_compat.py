@@ -18,7 +18,7 @@ import copy
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -93,3 +93,8 @@ def clear_opacus_current_grad_sample(p: nn.Parameter) -> None:
     """Forget the per-sample gradient Opacus's hooks keep on ``p`` while a backward is in progress."""
     if hasattr(p, "_current_grad_sample"):
         p._current_grad_sample = None
+
+
+def is_view(tensor: Tensor) -> bool:
+    """True when ``tensor`` is a view of another tensor's storage (torch's ``Tensor._base``)."""
+    return tensor._base is not None

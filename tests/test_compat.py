@@ -92,3 +92,10 @@ def test_clear_opacus_current_grad_sample():
     _compat.clear_opacus_current_grad_sample(layer.weight)
     assert layer.weight._current_grad_sample is None
     _compat.clear_opacus_current_grad_sample(nn.Parameter(torch.zeros(1)))  # never hooked: no error
+
+
+def test_is_view():
+    """F.linear with a bias on a 3-d input returns a view of its product (why the Linear rule copies)."""
+    x = torch.randn(2, 3, 4)
+    assert _compat.is_view(torch.nn.functional.linear(x, torch.randn(5, 4), torch.randn(5)))
+    assert _compat.is_view(x[0]) and not _compat.is_view(x) and not _compat.is_view(x.clone())

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_autodp import _compat
 from lightning_autodp.engines.contributions import Contribution, as_btn, norm_dtype
 from lightning_autodp.engines.rule import (
     Handle,
@@ -43,7 +44,7 @@ class LinearFn(torch.autograd.Function):
         # (addmm, then view). Autograd forbids modifying in place a view made inside a custom Function,
         # and models do modify layer outputs in place (Wav2Vec2 zeroes its padded frames with
         # `hidden_states[~mask] = 0`): the output gets storage of its own.
-        return out.clone() if out._base is not None else out
+        return out.clone() if _compat.is_view(out) else out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
