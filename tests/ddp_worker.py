@@ -3,8 +3,9 @@
 Used by test_ddp.py through a subprocess: Lightning's launcher re-runs this script for rank 1.
     python tests/ddp_worker.py SCENARIO[,SCENARIO...] DEVICES OUTDIR
 
-A scenario is a mode with an optional variant, ``mode@variant``: ``@bk``/``@hooks`` pick the engine
-(``auto`` otherwise), ``exact@buckets`` all-reduces in buckets of about 100 bytes. Several scenarios
+A scenario is a mode with an optional variant, ``mode@variant``: ``@bk``/``@hooks``/``@ghost`` pick the
+engine (``auto`` otherwise), ``exact@buckets`` all-reduces in buckets of about 100 bytes,
+``batchnorm_train@frozen`` freezes the BatchNorm it leaves in train mode. Several scenarios
 run one after the other in the same processes, each with its own Trainer and seed: starting two
 interpreters and a process group costs more than these trainings.
 """
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scenarios import split_scenario  # noqa: E402
 
-from lightning_autodp import DPAutoStrategy, RunTimeChecks  # noqa: E402
+from lightning_autodp import BatchNormModeError, DPAutoStrategy, RunTimeChecks  # noqa: E402
 
 
 class Recorder(L.Callback):
@@ -36,7 +37,8 @@ class Recorder(L.Callback):
         self.grads = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).tolist())
+        params = [p for p in pl_module.parameters() if p.requires_grad]  # a frozen BatchNorm has none
+        self.grads.append(torch.cat([p.grad.flatten() for p in params]).tolist())
 
 
 class Model(L.LightningModule):
@@ -53,6 +55,37 @@ class Model(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class BatchNormModel(Model):
+    """Linear, BatchNorm1d (pretrained-like running statistics, trainable affine), Tanh, Linear.
+
+    The BatchNorm is in eval mode (it applies its running statistics) unless ``train_mode``.
+    """
+
+    def __init__(self, train_mode: bool = False, frozen: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        bn = nn.BatchNorm1d(8)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(8))
+            bn.running_var.copy_(torch.rand(8) * 1.5 + 0.5)  # in [0.5, 2]
+            bn.weight.copy_(torch.rand(8) + 0.5)
+            bn.bias.copy_(torch.randn(8))
+        bn.train(train_mode)
+        bn.requires_grad_(not frozen)
+        self.net = nn.Sequential(nn.Linear(6, 8), bn, nn.Tanh(), nn.Linear(8, 3))
+
+    def batch_norm_state(self) -> list[list[float]]:
+        bn = self.net[1]
+        return [bn.running_mean.tolist(), bn.running_var.tolist(), [float(bn.num_batches_tracked)]]
+
+
+def write(outdir: str, scenario: str, devices: int, rank: int, out: dict) -> None:
+    name = os.path.join(outdir, f"{scenario}-{devices}-rank{rank}.json")
+    with open(name + ".part", "w") as f:  # renamed when complete: a reader never sees half a file
+        json.dump(out, f)
+    os.replace(name + ".part", name)
 
 
 class GatherAtEpochEnd(Model):
@@ -83,7 +116,7 @@ def main(scenarios: str, devices: int, outdir: str) -> None:
 
 
 def run_scenario(scenario: str, devices: int, outdir: str) -> None:
-    mode, variant = split_scenario(scenario, ("bk", "hooks", "ghost", "buckets"))
+    mode, variant = split_scenario(scenario, ("bk", "hooks", "ghost", "buckets", "frozen"))
     L.seed_everything(42, verbose=False)
     engine = variant if variant in ("bk", "hooks", "ghost") else "auto"
     recorder = Recorder()
@@ -111,6 +144,19 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         )
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=3, callbacks=callbacks, **kwargs)
+    elif mode in ("batchnorm", "batchnorm_train"):
+        # batchnorm: exact's run with an eval-mode BatchNorm; batchnorm_train: the BatchNorm left in
+        # train mode (batch statistics), which every rank must refuse before any update
+        # AUTO-S: its factors are the reference's formula to the last digit (abadi's add 1e-6 to the norm)
+        model = BatchNormModel(train_mode=(mode == "batchnorm_train"), frozen=(variant == "frozen"))
+        strategy = DPAutoStrategy(
+            engine=engine, noise_multiplier=0.0, poisson_sampling=False, clipping="auto_s", max_grad_norm=0.5
+        )
+        loader = DataLoader(data(16), batch_size=16 // devices)
+        trainer = L.Trainer(strategy=strategy, max_epochs=2, callbacks=callbacks, **kwargs)
+        # a refusal that reached one rank only would leave the other waiting in an all-reduce: the
+        # guard ends the processes with every rank's stack instead of at the test's timeout
+        faulthandler.dump_traceback_later(120, exit=True)
     elif mode == "noise":
         # a look of the run-time checks at the third step: a subset of the noise, summed over ranks
         checks = RunTimeChecks(check_every=2)
@@ -158,10 +204,26 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         trainer = L.Trainer(strategy=strategy, max_epochs=100, callbacks=[recorder, budget], **kwargs)
     else:
         raise KeyError(scenario)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, loader)
-    faulthandler.cancel_dump_traceback_later()  # epsilon_log's hang guard: later scenarios are not hangs
+    params_before = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    bn_before = model.batch_norm_state() if isinstance(model, BatchNormModel) else None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, loader)
+    except BatchNormModeError as err:
+        # every rank writes its refusal; the ranks go on to the next scenario together
+        faulthandler.cancel_dump_traceback_later()
+        params = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+        out = {
+            "refused": str(err),
+            "steps": strategy.steps,
+            "global_step": trainer.global_step,
+            "params_unchanged": params == params_before,
+            "batch_norm": [bn_before, model.batch_norm_state()],
+        }
+        write(outdir, scenario, devices, trainer.global_rank, out)
+        return
+    faulthandler.cancel_dump_traceback_later()  # the hang guards: later scenarios are not hangs
     checks = strategy.mechanism.checks
     out = {
         "rank": trainer.global_rank,
@@ -179,9 +241,10 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
     if mode in ("budget", "epsilon_log"):
         out["epsilon"] = budget.epsilon
         out["history"] = budget.history
+    if bn_before is not None:
+        out["batch_norm"] = [bn_before, model.batch_norm_state()]  # running statistics before and after
     out["sync_dist_warnings"] = [str(w.message) for w in caught if "sync_dist" in str(w.message)]
-    with open(os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
-        json.dump(out, f)
+    write(outdir, scenario, devices, trainer.global_rank, out)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Used by test_fsdp.py through a subprocess: Lightning's launcher re-runs this script for rank 1.
     python tests/fsdp_worker.py SCENARIO[,SCENARIO...] DEVICES OUTDIR
 
-A scenario is a mode with an optional variant, ``mode@variant``: ``exact@ghost`` runs the ghost
-engine (bk otherwise), ``interrupted@consolidated``/``resumed@consolidated`` write and read a
+A scenario is a mode with an optional variant, ``mode@variant``: ``exact@ghost``/``batchnorm@ghost``
+run the ghost engine (bk otherwise), ``interrupted@consolidated``/``resumed@consolidated`` write and read a
 consolidated checkpoint (sharded otherwise). Several scenarios run one after the other in the same
 processes, each with its own Trainer and seed: starting two interpreters and a process group costs
 more than most scenarios' training.
@@ -92,6 +92,40 @@ class TinyLM(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+class BatchNormBlock(nn.Module):
+    """Linear, then an eval-mode BatchNorm1d over the features at every position (trainable affine)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.norm = nn.BatchNorm1d(dim)
+        with torch.no_grad():  # pretrained-like running statistics
+            self.norm.running_mean.copy_(torch.randn(dim))
+            self.norm.running_var.copy_(torch.rand(dim) * 1.5 + 0.5)  # in [0.5, 2]
+            self.norm.weight.copy_(torch.rand(dim) + 0.5)
+            self.norm.bias.copy_(torch.randn(dim))
+        self.norm.eval()
+
+    def forward(self, h):
+        # h: (B, SEQ, dim); BatchNorm1d normalises dim 1 of (B, C, L), summing its gradients over L
+        return h + torch.tanh(self.norm(self.fc(h).transpose(1, 2)).transpose(1, 2))
+
+
+class BatchNormLM(TinyLM):
+    """TinyLM whose blocks (the FSDP units) hold an eval-mode BatchNorm1d between the Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.blocks = nn.ModuleList(BatchNormBlock(DIM) for _ in range(2))
+
+    def batch_norm_state(self) -> list[list[float]]:
+        return [
+            [b.norm.running_mean.tolist(), b.norm.running_var.tolist(), [float(b.norm.num_batches_tracked)]]
+            for b in self.blocks
+        ]
 
 
 def tiny_llama() -> nn.Module:
@@ -211,6 +245,14 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         )
         loader = DataLoader(data(16), batch_size=16 // devices)
         trainer = L.Trainer(strategy=strategy, max_epochs=2, callbacks=callbacks, **kwargs)
+    elif mode == "batchnorm":
+        # exact's run with an eval-mode BatchNorm1d in each block
+        model = BatchNormLM().double()
+        strategy = DPFSDPStrategy(
+            engine=engine, noise_multiplier=0.0, poisson_sampling=False, clipping="auto_s", max_grad_norm=0.5
+        )
+        loader = DataLoader(data(16), batch_size=16 // devices)
+        trainer = L.Trainer(strategy=strategy, max_epochs=2, callbacks=callbacks, **kwargs)
     elif mode == "bf16":
         model = model.float()
         kwargs["precision"] = "bf16-mixed"
@@ -280,6 +322,7 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
             (fit_kwargs["ckpt_path"],) = glob.glob(os.path.join(ckpt_dir, "step=6.ckpt"))
     else:
         raise KeyError(scenario)
+    bn_before = model.batch_norm_state() if isinstance(model, BatchNormLM) else None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -310,6 +353,11 @@ def run_scenario(scenario: str, devices: int, outdir: str) -> None:
         "empty_steps": empty_counter.empty_steps,
         "verify_warnings": [str(w.message) for w in caught if "could not verify" in str(w.message)],
     }
+    if bn_before is not None:
+        out["batch_norm"] = [bn_before, model.batch_norm_state()]  # running statistics before and after
+        out["batch_norm_sharded"] = [
+            isinstance(p, DTensor) for b in model.blocks for p in (b.norm.weight, b.norm.bias)
+        ]
     with open(os.path.join(outdir, f"{scenario}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tests.ddp_worker import BatchNormModel, data
+from tests.reference import per_example_gradients, reference_clipped_mean
 from tests.scenarios import run_scenarios, split_scenario
 from tests.test_accounting import opacus_epsilon
 
@@ -23,7 +26,10 @@ def run(scenarios: list[str], devices: int, outdir: Path) -> dict[str, list[dict
 
 #: The two-process scenarios that end in a result, in one launch (starting two interpreters and a
 #: process group takes longer than these trainings). epsilon_log last: it arms a hang guard.
-TWO_RANK_SCENARIOS = ["exact", "exact@buckets", "accumulate", "noise", "empty", "budget", "epsilon_log"]
+TWO_RANK_SCENARIOS = [
+    "exact", "exact@buckets", "accumulate", "noise", "empty", "budget",
+    "batchnorm", "batchnorm@ghost", "batchnorm@hooks", "epsilon_log",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,47 @@ def test_epsilon_is_logged_without_the_sync_dist_warning_or_a_hang(two_ranks):
         logged = [float(row["epsilon"]) for row in csv.DictReader(f) if row["epsilon"]]
     expected = [opacus_epsilon("rdp", [(2.0, q, s)], delta=1e-3) for s in steps]
     assert logged == pytest.approx(expected, rel=1e-6)  # the CSV holds float32
+
+
+def reference_batchnorm_gradient() -> list[float]:
+    """(1/16) sum_i C_i g_i over both ranks' 16 examples, AUTO-S with R = 0.5: one backward per example.
+
+    The BatchNorm is in eval mode: each example is normalised with the running statistics alone.
+    """
+    net = BatchNormModel().net.double()
+    assert not net[1].training
+    x, y = data(16).tensors
+    grads = per_example_gradients(net, lambda m, i: F.cross_entropy(m(x[i : i + 1]), y[i : i + 1]), 16)
+    return torch.cat([g.flatten() for g in reference_clipped_mean(grads, "auto_s", 0.5, 0.01, 16)]).tolist()
+
+
+@pytest.mark.parametrize("scenario", ["batchnorm", "batchnorm@ghost", "batchnorm@hooks"])
+def test_eval_batchnorm_update_equals_the_per_example_loop_on_the_union(two_ranks, scenario):
+    # BatchNorm1d between Linear layers, trainable affine weight and bias, running statistics applied
+    rank0, rank1 = two_ranks[0][scenario]
+    assert rank0["world_size"] == 2 and rank0["steps"] == rank1["steps"] == 2
+    assert rank0["grads"] == rank1["grads"] and rank0["params"] == rank1["params"]
+    assert _rel(rank0["grads"][0], reference_batchnorm_gradient()) < 1e-10
+    for rank in (rank0, rank1):
+        (mean, var, tracked), after = rank["batch_norm"]
+        assert [mean, var, tracked] == after  # the running statistics are the pretrained ones throughout
+        assert tracked == [0.0] and any(m != 0 for m in mean) and all(0.5 <= v <= 2 for v in var)
+
+
+def test_a_batchnorm_in_train_mode_stops_every_rank_before_any_update(tmp_path):
+    # batchnorm_train: its affine weight and bias are trainable, so the engine verification meets it
+    # first (every rank refuses together). batchnorm_train@frozen: frozen, so the verification runs it
+    # in eval mode and only the guard at the step sees it, on each rank. A refusal that reached one rank
+    # only would leave the other waiting in an all-reduce: the worker's hang guard ends that run.
+    runs = run(["batchnorm_train", "batchnorm_train@frozen"], 2, tmp_path)
+    for scenario, ranks in runs.items():
+        for rank in ranks:
+            assert rank["refused"].startswith(
+                "Layer 'net.1' (BatchNorm1d) ran in train mode in a training step"
+            ), (scenario, rank["refused"])
+            assert rank["steps"] == rank["global_step"] == 0 and rank["params_unchanged"], scenario
+            before, after = rank["batch_norm"]
+            assert before == after  # the batch's statistics never reached the running ones
 
 
 def test_two_rank_runs_are_bit_identical_for_a_seed(tmp_path):

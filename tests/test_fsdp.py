@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_autodp import DPFSDPStrategy
-from tests.fsdp_worker import TinyLM, data, tiny_llama
+from tests.fsdp_worker import BatchNormLM, TinyLM, data, tiny_llama
 from tests.reference import per_example_gradients, reference_clipped_mean
 from tests.scenarios import run_scenarios
 
@@ -28,7 +28,8 @@ def run(scenarios: list[str], devices: int, outdir: Path) -> dict[str, list[dict
 #: The two-process scenarios that end in a result (not a refusal), all in one launch: starting the
 #: two interpreters and the process group takes longer than most of these trainings.
 TWO_RANK_SCENARIOS = [
-    "exact", "exact@ghost", "llama", "accumulate", "bf16", "noise", "sparse", "budget", "unsliceable",
+    "exact", "exact@ghost", "batchnorm", "batchnorm@ghost", "llama", "accumulate", "bf16", "noise",
+    "sparse", "budget", "unsliceable",
     "uninterrupted", "interrupted", "resumed", "interrupted@consolidated", "resumed@consolidated",
 ]  # fmt: skip
 
@@ -51,9 +52,9 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def reference_first_gradient() -> list[float]:
+def reference_first_gradient(model_class: type[TinyLM] = TinyLM) -> list[float]:
     """(1/16) sum_i C_i g_i over all 16 examples, AUTO-S with R = 0.5: one backward per example."""
-    model = TinyLM().double()
+    model = model_class().double()
     ids, y = data(16).tensors
     grads = per_example_gradients(
         model, lambda net, i: F.cross_entropy(net(ids[i : i + 1]), y[i : i + 1]), 16
@@ -75,6 +76,23 @@ def test_sharded_update_equals_the_per_example_loop_on_the_union(two_ranks, one_
         one = one_rank["exact"]
         assert not one["sharded"]
         assert _rel(rank0["params"], one["params"]) < 1e-10
+
+
+@pytest.mark.parametrize("engine", ["bk", "ghost"])
+def test_sharded_eval_batchnorm_update_equals_the_per_example_loop_on_the_union(two_ranks, engine):
+    # each block (an FSDP unit) holds Linear -> BatchNorm1d in eval mode (running statistics applied,
+    # affine weight and bias trainable and sharded): its one-backward rule, not a refusal
+    rank0, rank1 = two_ranks["batchnorm" if engine == "bk" else "batchnorm@ghost"]
+    assert rank0["engine"] == rank1["engine"] == engine and rank0["steps"] == rank1["steps"] == 2
+    assert rank0["fsdp_units"] == 3 and all(rank0["batch_norm_sharded"] + rank1["batch_norm_sharded"])
+    assert not any(block.norm.training for block in BatchNormLM().blocks)  # the reference's too
+    assert _rel(rank0["grads"][0], reference_first_gradient(BatchNormLM)) < 1e-10
+    assert rank0["grads"] == rank1["grads"] and rank0["params"] == rank1["params"]
+    for rank in (rank0, rank1):
+        before, after = rank["batch_norm"]
+        assert before == after  # the running statistics are the pretrained ones throughout
+        for mean, var, tracked in before:
+            assert tracked == [0.0] and any(m != 0 for m in mean) and all(0.5 <= v <= 2 for v in var)
 
 
 def test_sharded_llama_update_equals_the_per_example_loop(two_ranks):
