@@ -89,8 +89,8 @@ class DPAutoStrategy(DDPStrategy):
         clipping: ``"psac"`` (default) :math:`R/(\|g_i\|+\gamma/(\|g_i\|+\gamma))` (fitted examples
             keep small gradients), ``"auto_s"`` :math:`R/(\|g_i\|+\gamma)`,
             ``"auto_v"`` :math:`R/\|g_i\|`,
-            ``"abadi"`` :math:`\min(1, R/\|g_i\|)`. The default is the one the utility study
-            measured closest to a tuned Abadi threshold (see
+            ``"abadi"`` :math:`\min(1, R/(\|g_i\| + 10^{-6}))` (Opacus's form). The default is the
+            one the utility study measured closest to a tuned Abadi threshold (see
             :data:`~lightning_autodp.mechanism.clipping.DEFAULT_CLIPPING`).
         gamma: PSAC's :math:`r` (default 1) or the stability constant of AUTO-S (default 0.01);
             ``None`` picks the mode's default.

@@ -16,7 +16,9 @@ psac       ``R / (||g_i|| + r_i)`` with         Xia et al. 2023 (DP-PSAC, per-sa
                                                 The package's default mode.
 auto_v     ``R / ||g_i||``                      Every example normalised to norm ``R``; 0 where
                                                 g_i = 0.
-abadi      ``min(1, R / ||g_i||)``              Abadi et al. 2016, the classic threshold (Opacus).
+abadi      ``min(1, R / (||g_i|| + 1e-6))``     Abadi et al. 2016, the classic threshold, in
+                                                Opacus's form (the 1e-6 keeps ``||C_i g_i|| < R``
+                                                and guards ``g_i = 0``).
 =========  ===================================  =====================================================
 
 Under AUTO-S, PSAC and AUTO-V every factor is proportional to ``R``: with Adam-type optimisers ``R``
