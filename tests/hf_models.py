@@ -97,7 +97,7 @@ def example(batch: Batch, i: int) -> Batch:
 
 #: families whose layers see rows that are not one per example, share weights across rules, or
 #: carry parametrised weights (see docs/how-to/models.md)
-MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral", "whisper", "wav2vec2")
+MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral", "whisper", "wav2vec2", "wavlm")
 
 
 def _seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -121,10 +121,11 @@ def _whisper_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 
 def _ctc_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """CTC loss of a Wav2Vec2ForCTC on raw waveforms, per target token (blank = pad = 0): ``(B,)``."""
+    """CTC loss of a Wav2Vec2ForCTC or WavLMForCTC on raw waveforms, per target token (blank = pad = 0):
+    ``(B,)``."""
     mask = batch["attention_mask"]
     logits = model(input_values=batch["input_values"], attention_mask=mask).logits
-    frames = model.wav2vec2._get_feat_extract_output_lengths(mask.sum(-1)).long()
+    frames = model.base_model._get_feat_extract_output_lengths(mask.sum(-1)).long()
     targets = batch["labels"]
     lengths = torch.full((len(targets),), targets.shape[1], dtype=torch.long)
     log_probs = F.log_softmax(logits, -1).transpose(0, 1)
@@ -214,6 +215,27 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
             layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0, pad_token_id=0,
         )  # fmt: skip
         model, targets = tf.Wav2Vec2ForCTC(cfg), ["q_proj", "v_proj"]
+        samples = torch.ones(n, 40, dtype=torch.long)
+        samples[0, -8:] = 0  # one padded waveform: 5 frames, 4 for the padded one
+        batch = {
+            "input_values": torch.randn(n, 40, generator=g) * samples,
+            "attention_mask": samples,
+            "labels": torch.randint(1, 8, (n, 3), generator=g),
+        }
+        loss = _ctc_loss
+    elif family == "wavlm":
+        # WavLMForCTC: Wav2Vec2's feature encoder and positional conv, and an attention that passes the
+        # q/k/v/out projections' weights to F.multi_head_attention_forward (the Linears are never called),
+        # with a gated relative position bias from a bucket embedding of the first layer (a (T, T) table
+        # shared by the batch, handed to the later layers as (B * heads, T, T)).
+        cfg = tf.WavLMConfig(
+            vocab_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(8, 8), conv_stride=(3, 2), conv_kernel=(5, 3), feat_extract_norm="group",
+            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, num_buckets=8, max_bucket_distance=16,
+            hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
+            final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0, pad_token_id=0,
+        )  # fmt: skip
+        model, targets = tf.WavLMForCTC(cfg), ["intermediate_dense", "output_dense"]
         samples = torch.ones(n, 40, dtype=torch.long)
         samples[0, -8:] = 0  # one padded waveform: 5 frames, 4 for the padded one
         batch = {

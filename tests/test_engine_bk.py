@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ from reference import per_example_gradients
 from torch import Tensor, nn
 
 from lightning_autodp.engines.bookkeeping import BookKeepingEngine, GhostClippingEngine
+from lightning_autodp.engines.rules import module as module_rule
 
 ENGINES = [BookKeepingEngine, GhostClippingEngine]
 
@@ -755,3 +757,160 @@ def test_infer_batch_size():
     assert infer_batch_size({"input_ids": torch.zeros(5, 4), "mask": [torch.zeros(5)]}) == 5
     assert infer_batch_size({"ids": torch.zeros(5, 4), "positions": torch.zeros(1, 4)}) is None
     assert infer_batch_size([1, "a"]) is None
+
+
+# ---------------------------------------------------------------------- parameters used directly
+
+
+class DirectProjection(nn.Module):
+    """Passes a child Linear's weight and bias to ``F.linear`` instead of calling it (as WavLM's attention
+    passes its projections' weights to ``F.multi_head_attention_forward``), and calls another child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(F.linear(x, self.q.weight, self.q.bias)))
+
+
+class CalledAndDirect(DirectProjection):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.q(x) + F.linear(x, self.q.weight))
+
+
+def _direct_case(block: type[nn.Module] = DirectProjection) -> tuple[nn.Module, Tensor, LossFn]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), block(), Pool(), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    return net, x, lambda m, inputs: m(inputs).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_parameters_a_module_uses_directly_get_exact_gradients_at_that_module(engine_cls):
+    """Found in the first captured forward and announced once, naming the layer, the module and the
+    function; the second step watches only that module and is exact too."""
+    net, x, loss = _direct_case()
+    _, grads = _reference(copy.deepcopy(net), x, loss)
+    params = [p for p in net.parameters() if p.requires_grad]
+    ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    weights = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    announced = (
+        r"layer 1\.q \(Linear\): 1 \(DirectProjection\) uses its parameters directly \(weight in F\.linear, "
+        r"bias in F\.linear\), not through its forward; its per-example gradients are computed exactly with "
+        r"torch\.func on the enclosing module 1 \(DirectProjection\)"
+    )
+    engine = engine_cls(net)
+    for step in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, sq_norms, summed, _ = _engine_outputs(net, x, loss, weights, lambda _: engine)
+        messages = [str(w.message) for w in caught if "dp_auto" in str(w.message)]
+        if step == 0:
+            assert len(messages) == 1 and re.search(announced, messages[0])
+        else:
+            assert not messages
+        assert _rel(sq_norms, ref_sq) < 1e-10
+        for k, p in enumerate(params):
+            assert _rel(summed[p], sum(w * gi[k] for w, gi in zip(weights, grads))) < 1e-10
+        assert net[1].q.weight.grad is None  # autograd never formed the non-private gradient
+    engine.remove()
+
+
+class ReadsItsLayer(DirectProjection):
+    """Reads a layer's weight without putting it in the graph (its shape, tensors like it) and calls it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        zero = torch.zeros_like(self.q.weight).sum() + self.q.weight.detach().sum() * 0
+        return self.out(self.q(x) * self.q.weight.shape[0] + zero + self.q.weight.new_zeros(()))
+
+
+def test_reading_a_layers_weight_is_not_a_direct_use():
+    net, x, loss = _direct_case(ReadsItsLayer)
+    _, grads = _reference(copy.deepcopy(net), x, loss)
+    ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    weights = torch.ones(3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, sq_norms, _, _ = _engine_outputs(net, x, loss, weights)
+    engine.remove()
+    assert not [w for w in caught if "dp_auto" in str(w.message)]
+    assert _rel(sq_norms, ref_sq) < 1e-10
+
+
+def test_a_direct_use_left_unwatched_is_refused_after_backward(monkeypatch):
+    """The mutation: nothing watches the forward, the direct use reaches the parameters' autograd
+    gradient, and the engine refuses before any update, naming them."""
+    from lightning_autodp.engines import lift
+
+    def unwatched(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(lift.DirectUses, "__torch_function__", unwatched)
+    net, x, loss = _direct_case()
+    engine = BookKeepingEngine(net)
+    engine.expect_batch_size(3)
+    with engine.capturing():
+        loss(net, x).sum().backward()
+    with pytest.raises(
+        RuntimeError, match=r"\['1\.q\.bias', '1\.q\.weight'\] also received gradient from outside"
+    ):
+        engine.per_sample_squared_norms()
+    engine.remove()
+
+
+def test_a_layer_both_called_and_used_directly_in_one_module_is_refused():
+    net, x, loss = _direct_case(CalledAndDirect)
+    engine = BookKeepingEngine(net)
+    engine.expect_batch_size(3)
+    refused = (
+        r"1\.q \(Linear\) are used inside 1 \(CalledAndDirect\) both with rows that are one per example and "
+        r"with rows that are not \(1\.q \(Linear\): 1 \(CalledAndDirect\) uses its parameters directly "
+        r"\(weight in F\.linear\), not through its forward\)"
+    )
+    with pytest.raises(RuntimeError, match=refused), engine.capturing():
+        loss(net, x).sum().backward()
+    engine.remove()
+
+
+class ZeroesItsInput(SharedTableBias):
+    """Zeroes the padded frames of its input in place, as WavLM's encoder does (``hidden_states[~mask] =
+    0``) before the layers whose parameters it receives; here the Linear on a table shared by the batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x[x.abs().sum(-1) == 0] = 0
+        return super().forward(x)
+
+
+def _input_modified_in_place(engine_cls) -> tuple[float, float]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), ZeroesItsInput(), nn.Tanh(), Pool(), nn.Linear(4, 3)).double()
+    net[0].bias.data.zero_()  # padded frames stay all-zero up to the module
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    x[0, -2:] = 0
+
+    def loss(m: nn.Module, inputs: Tensor) -> Tensor:
+        return m(inputs).pow(2).sum(1)
+
+    _, grads = _reference(copy.deepcopy(net), x, loss)
+    params = [p for p in net.parameters() if p.requires_grad]
+    ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+    weights = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fallbacks' announcements
+        engine, sq_norms, summed, _ = _engine_outputs(net, x, loss, weights, engine_cls)
+    engine.remove()
+    sums = max(_rel(summed[p], sum(w * gi[k] for w, gi in zip(weights, grads))) for k, p in enumerate(params))
+    return _rel(sq_norms, ref_sq), sums
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_a_module_that_modifies_its_input_in_place_is_recomputed_on_a_copy(engine_cls, monkeypatch):
+    """Its own parameter (per-module rule) and the lifted Linear (enclosing-module rule) are recomputed
+    per example on copies of its inputs. The mutation (no copy) fails in torch.func."""
+    norms, sums = _input_modified_in_place(engine_cls)
+    assert norms < 1e-10 and sums < 1e-10
+    monkeypatch.setattr(module_rule, "_example_input", lambda t, batched: t.unsqueeze(0) if batched else t)
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+        _input_modified_in_place(engine_cls)

@@ -8,7 +8,9 @@
 * speech models: Whisper (log-mel features through convolutions, decoder positions behind an overridden
   embedding forward, ``proj_out`` tied to the token embedding) and Wav2Vec2 for CTC (a GroupNorm feature
   encoder on raw waveforms, a grouped positional convolution under weight norm, padded frames zeroed in
-  place).
+  place) and WavLM for CTC (an attention that passes its projections' weights to
+  ``F.multi_head_attention_forward`` instead of calling them, a gated relative position bias shared by its
+  layers, padded frames zeroed in place on the encoder's input).
 
 Each mechanism has a mutation (the fault put in with ``monkeypatch``) that the same comparison catches.
 """
@@ -161,12 +163,98 @@ def test_speech_models_announce_their_per_module_layer_once(family):
     assert not [w for w in caught if "dp_auto" in str(w.message)]
 
 
+#: WavLM's attention passes the q/k/v projections' weights to F.multi_head_attention_forward (their biases
+#: through torch.cat), and out_proj's weight and bias
+WAVLM_DIRECT = (
+    r"layer wavlm\.encoder\.layers\.(\d)\.attention\.(q_proj|k_proj|v_proj|out_proj) \(Linear\): "
+    r"wavlm\.encoder\.layers\.\1\.attention \(WavLMAttention\) uses its parameters directly "
+    r"\((bias in torch\.cat, weight in F\.multi_head_attention_forward|weight in "
+    r"F\.multi_head_attention_forward, bias in F\.multi_head_attention_forward)\), not through its forward; "
+    r"its per-example gradients are computed exactly with torch\.func on the enclosing module wavlm\.encoder "
+    r"\(WavLMEncoder\)"
+)
+
+
+def test_wavlm_attention_is_found_using_its_projections_directly_and_announced_once():
+    """Each projection of each layer is announced once, in the first step, naming the attention, the
+    functions and the module that computes its gradients (the encoder: the first layer's relative position
+    bias reaches every layer through the (B * heads, T, T) bias it hands on). The second step announces
+    nothing and is exact too (only the attentions are watched). LoRA on the feed-forward announces
+    nothing."""
+    model, batch, loss = build_more("wavlm")
+    n = len(next(iter(batch.values())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        engine = make_engine("bk", model)
+    messages = []
+    for _ in range(2):
+        engine.expect_batch_size(n)
+        with warnings.catch_warnings(record=True) as caught, engine.capturing():
+            warnings.simplefilter("always")
+            loss(model, batch).sum().backward()
+        messages.append([str(w.message) for w in caught if "dp_auto" in str(w.message)])
+        engine.per_sample_squared_norms()  # refuses parameters whose gradient escaped the engine
+        engine.reset()
+    engine.remove()
+    direct = [re.match(r"dp_auto: engine='bk': " + WAVLM_DIRECT, m) for m in messages[0]]
+    found = sorted((d.group(1), d.group(2)) for d in direct if d)
+    assert found == sorted((i, p) for i in "01" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    assert not messages[1]
+    lora, batch, loss = build_more("wavlm", lora=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = make_engine("bk", lora)
+        engine.expect_batch_size(n)
+        with engine.capturing():
+            loss(lora, batch).sum().backward()
+        engine.per_sample_squared_norms()
+        engine.remove()
+    assert not [w for w in caught if "dp_auto" in str(w.message)]
+
+
+def test_lora_on_wavlm_attention_is_never_called():
+    """WavLM's attention reads ``q_proj.weight`` (peft's wrapper hands out its base layer's) and never calls
+    the layer: LoRA adapters on its projections get no gradient, even without DP. The LoRA tests put the
+    adapters on the feed-forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model, batch, loss = build_more("wavlm")
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, config)
+    loss(model, batch).sum().backward()
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.grad is None for p in adapters)
+
+
 # ------------------------------------------------------------------------------ mutations
 
 
 def _sum_of_per_use_norms(param, vectors):
     """The fault: the squared norms of the uses added, cross terms dropped."""
     return sum(v.flatten(1).pow(2).sum(1) for _, v in vectors)
+
+
+@pytest.mark.parametrize("fault", ["unwatched", "no copy"])
+def test_wavlm_without_the_watch_or_the_input_copy_fails(fault, monkeypatch):
+    """Unwatched, the attention's projections get their gradient from autograd and the engine refuses them
+    after backward; recomputed without a copy of its input, the encoder's in-place zeroing of the padded
+    frames fails in torch.func."""
+    from lightning_autodp.engines import lift
+
+    if fault == "unwatched":
+        monkeypatch.setattr(
+            lift.DirectUses,
+            "__torch_function__",
+            lambda self, f, types, args=(), kwargs=None: f(*args, **kwargs or {}),
+        )
+        refused = r"attention\.k_proj\.bias', .* also received gradient from outside the layers"
+    else:
+        monkeypatch.setattr(
+            module_rule, "_example_input", lambda t, batched: t.unsqueeze(0) if batched else t
+        )
+        refused = "mutate a captured Tensor"
+    with pytest.raises(RuntimeError, match=refused):
+        _hf_run("wavlm", "bk")
 
 
 @pytest.mark.parametrize("engine_name", ["bk", "ghost"])
@@ -184,11 +272,12 @@ def test_dropping_the_cross_term_of_a_tied_weight_is_caught(family, engine_name,
     assert norms > 1e-3
 
 
-@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2"])
+@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2", "wavlm"])
 def test_attributing_the_summed_gradient_of_a_lifted_layer_is_caught(family, monkeypatch):
     """The fault: every example gets the batch's mean output gradient at the enclosing module (what a
     rule that cannot tell the rows apart would attribute), or at the owning module under the per-module
-    rule (Whisper's decoder positions, Wav2Vec2's weight-normed positional convolution)."""
+    rule (Whisper's decoder positions, Wav2Vec2's weight-normed positional convolution). WavLM: its
+    attention's projections, used directly, at the encoder."""
     record = module_rule.TappedCall.record
 
     def mean_gradient(self, batch, saved_outs, grads):
@@ -324,7 +413,7 @@ def test_a_second_power_iteration_in_the_recomputation_is_caught(monkeypatch):
 # ------------------------------------------------------------------------------ a Lightning fit
 
 
-@pytest.mark.parametrize("family", ["t5", "gemma", "swin", "whisper", "wav2vec2"])
+@pytest.mark.parametrize("family", ["t5", "gemma", "swin", "whisper", "wav2vec2", "wavlm"])
 def test_lightning_step_with_verification_matches_per_example_loop(family):
     """One DP-SGD step (sigma = 0, AUTO-S) of a fit with engine='auto' and verify on (the default)."""
     model, batch, loss = build_more(family)
@@ -420,7 +509,7 @@ def _float32_norms(family: str, autocast: bool) -> Tensor:
     return sq.detach()
 
 
-@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2"])
+@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2", "wavlm"])
 def test_lifted_layers_train_under_bf16_autocast(family):
     """The recomputation at the enclosing (or owning) module runs in backward, outside autocast: it
     upcasts the half-precision inputs and is compared with the forward at bf16's tolerance (no false

@@ -146,10 +146,11 @@ class BookKeepingEngine(PerSampleEngine):
     shared by several of them (the norm of the sum of all uses). Any other module with trainable
     parameters of its own, and any module whose weights are parametrised
     (``torch.nn.utils.parametrize``), gets the exact per-module rule (:mod:`.rules.module`), announced
-    with a warning. A layer whose rows are not one per example gets exact per-example gradients at
-    the nearest enclosing module whose inputs are (:mod:`.lift`), announced once. BatchNorm is refused
-    (its batch statistics mix the examples). Dim 0 is the batch, except inside ``nn.Transformer*``
-    modules with ``batch_first=False``.
+    with a warning. A layer whose rows are not one per example, or whose parameters a module uses
+    directly instead of calling it (found in the first captured forward), gets exact per-example
+    gradients at the nearest enclosing module whose inputs are (:mod:`.lift`), announced once.
+    BatchNorm is refused (its batch statistics mix the examples). Dim 0 is the batch, except inside
+    ``nn.Transformer*`` modules with ``batch_first=False``.
 
     Example::
 
@@ -192,6 +193,8 @@ class BookKeepingEngine(PerSampleEngine):
         self._dense: set[int] = set()
         seq_first = _seq_first_modules(module)
         fallbacks = []
+        #: id of each trainable parameter of a captured layer -> the layers (module, name) that capture it
+        layers: dict[int, list[tuple[nn.Module, str]]] = {}
         for item in plan:
             mod = item.module
             fallback = item.rule is None
@@ -205,6 +208,7 @@ class BookKeepingEngine(PerSampleEngine):
             if item.rule is not None:
                 forward = item.rule.captured_forward(mod, handle)
                 rows = _RowCheck(self, item.rule, mod, handle)
+                captured = rows.params
             else:
                 params = dict(mod.named_parameters())
                 params = {n: params[n] for n in item.params}
@@ -212,8 +216,13 @@ class BookKeepingEngine(PerSampleEngine):
                 capture = rules.ModuleCapture(mod, handle, params)
                 fallbacks.append(f"{capture.describe()}: {item.reason}")
                 forward, rows = capture.forward, None
+                captured = [p for p in params.values() if id(p) in self._trainable]
+            for p in captured:
+                layers.setdefault(id(p), []).append((mod, item.name))
             self._patch(mod, forward, rows)
-        self._lifting = Lifting(self, module, [item.module for item in plan])
+        self._lifting = Lifting(self, module, [item.module for item in plan], layers)
+        #: whether a captured forward was watched for direct uses of the layers' parameters (the first)
+        self._watched = False
         for p in self.params:
             self._hooks.append(
                 p.register_post_accumulate_grad_hook(self._leak_hook(self._names.get(id(p), "?")))
@@ -250,11 +259,12 @@ class BookKeepingEngine(PerSampleEngine):
             # Only training steps are captured; eval, validation, no_grad, the per-module rule's
             # own call and its recomputation in backward run the original.
             if engine.capturing_forward() and id(mod) not in engine._inner:
-                if rows is not None:
-                    if not rows.are_examples(args, kwargs):
-                        return rows.lifted_call(args, kwargs)
-                    engine.note_use(rows.params)
-                return captured(*args, **kwargs)
+                with engine._lifting.layer_running(mod):
+                    if rows is not None:
+                        if not rows.are_examples(args, kwargs):
+                            return rows.lifted_call(args, kwargs)
+                        engine.note_use(rows.params)
+                    return captured(*args, **kwargs)
             return original(*args, **kwargs)
 
         mod.forward = types.MethodType(forward, mod)  # type: ignore[method-assign]
@@ -304,8 +314,11 @@ class BookKeepingEngine(PerSampleEngine):
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
         self._had_grad = {id(p) for p in self.params if p.grad is not None}
-        with super().capturing():
+        # The first captured forward is watched for parameters used outside their layers (see
+        # :class:`.lift.DirectUses`); later ones only inside the modules found using them.
+        with super().capturing(), self._lifting.watching(not self._watched):
             yield
+        self._watched = True
 
     def _leak_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
@@ -402,10 +415,11 @@ class BookKeepingEngine(PerSampleEngine):
         if self._leaked:
             raise RuntimeError(
                 f"engine={self.name!r}: parameters {sorted(self._leaked)} also received gradient from "
-                "outside the layers this engine captures (e.g. a functional call such as "
-                "F.linear(x, layer.weight)), "
-                "so their per-example norms would be incomplete. Route every use through the module that "
-                "owns the parameter (call the layer), or give the parameter a module of its own."
+                "outside the layers this engine captures (a direct use such as F.linear(x, layer.weight) "
+                "outside every module's forward, e.g. in training_step, or in a module that the first "
+                "training step did not see using them), so their per-example norms would be incomplete. "
+                "Route every use through the module that owns the parameter (call the layer), or make the "
+                "direct use inside a module's forward in every step."
             )
         total: Tensor | None = None
         for param, rec in self._records.items():

@@ -7,7 +7,10 @@ A layer rule attributes row ``r`` of its input to example ``r``. Some layers see
 * tokens flattened to ``(B * T, d)`` before an MLP (OPT) or routed to experts (a sparse mixture of
   experts: the rows an expert sees come from any example),
 * windows (Swin attention sees ``(B * windows, N, C)``),
-* a module that computes something once for the whole batch (positions) behind its own forward.
+* a module that computes something once for the whole batch (positions) behind its own forward,
+* a layer that is never called because an enclosing module passes its parameters to a function
+  directly (WavLM's attention hands the ``q_proj``/``k_proj``/``v_proj``/``out_proj`` weights to
+  ``F.multi_head_attention_forward``): no layer rule sees that use (:class:`DirectUses`).
 
 The per-example gradient of such a layer's parameters :math:`\theta` is still defined, at the
 nearest enclosing module ``A`` whose inputs hold one row per example:
@@ -22,17 +25,29 @@ to the batch, so its gradient arrives per example; an output with other rows sen
 one module further up. Each recomputation is checked against the batched output (a module that
 mixes examples is refused, naming it), and each fallback is announced once.
 
+A direct use is found by watching the first captured forward (a ``TorchFunctionMode``): a trainable
+parameter of a captured layer that reaches a torch function outside that layer's own forward, inside
+a module call, is replaced by its detached value there and handed to the innermost module that owns it
+(the module that used it, or further up as above). Later forwards are watched inside the modules found
+that way only. A direct use outside every module call (in the training step itself) is left alone: the
+engine refuses it after backward, naming the parameter.
+
 Cost: one extra forward and vjp of ``A`` per micro-batch (``A`` is an attention block, a decoder
 layer, a mixture-of-experts block), and :math:`B\,|\theta|` memory for the per-example gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from lightning_autodp.engines.rule import Handle
 from lightning_autodp.engines.rules.module import TappedCall, _leaves, floating, is_batched
@@ -50,9 +65,11 @@ class Frame:
     kwargs: dict
     batched: bool
     #: parameters handed to this call, with the layer and the reason each came with
-    lifted: dict[nn.Parameter, tuple[str, str]] = field(default_factory=dict)
+    lifted: dict[nn.Parameter, tuple[str, str | DirectUse]] = field(default_factory=dict)
     #: ids of parameters a layer rule used inside this call
     used: set[int] = field(default_factory=set)
+    #: whether this call switched on the watch for direct uses (a module found using them)
+    watching: bool = False
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
@@ -65,16 +82,94 @@ def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     return out
 
 
+#: functions that read a parameter without putting it in the graph (no direct use)
+_READS = (
+    torch.Tensor.detach, torch.detach, torch.Tensor.requires_grad_, torch.zeros_like, torch.ones_like,
+    torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, torch.Tensor.new_zeros,
+    torch.Tensor.new_ones, torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor,
+)  # fmt: skip
+
+
+def _function_name(func: Any) -> str:
+    name = getattr(func, "__name__", repr(func))
+    module = getattr(func, "__module__", None) or ""
+    if module in ("torch.nn.functional", "torch._C._nn"):
+        return f"F.{name}"
+    if module.startswith("torch"):
+        return f"torch.{name}"
+    return f"Tensor.{name}" if not module else f"{module}.{name}"
+
+
+class DirectUse:
+    """Why a layer's parameters are handed over: a module uses them directly. Rendered when announced, so
+    that it names every function the call passed them to."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.uses: dict[str, str] = {}  # parameter name -> first function
+
+    def __str__(self) -> str:
+        uses = ", ".join(f"{name} in {function}" for name, function in self.uses.items())
+        return f"{self.owner} uses its parameters directly ({uses}), not through its forward"
+
+
+class DirectUses(TorchFunctionMode):
+    """Watches a captured forward for trainable parameters of captured layers that reach a torch function
+    outside their layer's forward (see the module docstring); :meth:`Lifting.direct_use` takes them."""
+
+    def __init__(self, lifting: Lifting) -> None:
+        super().__init__()
+        self.lifting = lifting
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        lifting = self.lifting
+        if (
+            not lifting.engine.capturing_forward()
+            or getattr(func, "__name__", "") == "__get__"  # an attribute (shape, dtype, grad)
+            or func in _READS
+        ):
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        direct = [k for k, v in enumerate(flat) if isinstance(v, Tensor) and lifting.used_directly(v)]
+        if not direct:
+            return func(*args, **kwargs)
+        params: list[nn.Parameter] = [flat[k] for k in direct]
+        for k in direct:
+            flat[k] = flat[k].detach()
+        args, kwargs = tree_unflatten(flat, spec)
+        out = func(*args, **kwargs)
+        if any(isinstance(o, Tensor) and o.is_floating_point() for o in tree_leaves(out)):
+            lifting.direct_use(params, _function_name(func))
+        return out
+
+
 class Lifting:
     """The stack of module calls and the hand-over of parameters to an enclosing module."""
 
-    def __init__(self, engine: BookKeepingEngine, root: nn.Module, planned: list[nn.Module]) -> None:
+    def __init__(
+        self,
+        engine: BookKeepingEngine,
+        root: nn.Module,
+        planned: list[nn.Module],
+        layers: dict[int, list[tuple[nn.Module, str]]] | None = None,
+    ) -> None:
         self.engine = engine
         self.frames: list[Frame] = []
         self.names = {id(m): n or type(root).__name__ for n, m in root.named_modules()}
         self.announced: set[tuple[str, str]] = set()
         self._param_names: dict[int, dict[int, str]] = {}
         self._hooks: list[Any] = []
+        #: id of each trainable parameter of a captured layer -> the captured layers (module, name) using it
+        self.layers = layers or {}
+        #: ids of the captured layers whose forward is running now (their own uses are not direct)
+        self.running: dict[int, int] = {}
+        #: ids of the modules found using parameters of their layers directly: watched in every forward
+        self.direct_owners: set[int] = set()
+        #: (owner, layer) -> the reason announced for it
+        self._direct: dict[tuple[int, int], DirectUse] = {}
+        self._watch = DirectUses(self)
+        self._watching = False
         planned_ids = {id(m) for m in planned}
         for mod in root.modules():
             # Only modules with a captured layer below them can receive its parameters.
@@ -88,6 +183,56 @@ class Lifting:
         self._hooks.clear()
         self.frames.clear()
 
+    # ------------------------------------------------------------ direct uses of a layer's parameters
+
+    @contextlib.contextmanager
+    def layer_running(self, layer: nn.Module) -> Iterator[None]:
+        """Inside, ``layer``'s own forward runs: its parameters' uses are its own."""
+        key = id(layer)
+        self.running[key] = self.running.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.running[key] -= 1
+
+    @contextlib.contextmanager
+    def watching(self, on: bool = True) -> Iterator[None]:
+        """Inside, every torch function of a captured forward is watched for direct uses."""
+        if not on or self._watching or not self.layers:
+            yield
+            return
+        self._watching = True
+        try:
+            with self._watch:
+                yield
+        finally:
+            self._watching = False
+
+    def used_directly(self, t: Tensor) -> bool:
+        """``t`` is a captured layer's trainable parameter, used outside its layers' forward, in a module."""
+        layers = self.layers.get(id(t))
+        if not layers or not isinstance(t, nn.Parameter) or any(self.running.get(id(m)) for m, _ in layers):
+            return False
+        return self._owner(t) is not None
+
+    def _owner(self, p: Tensor) -> Frame | None:
+        return next((f for f in reversed(self.frames) if id(p) in self._names_in(f.module)), None)
+
+    def direct_use(self, params: list[nn.Parameter], function: str) -> None:
+        """``params`` reached ``function`` outside their layers: the innermost module call owning each
+        computes its per-example gradients (or an enclosing one, see :meth:`lift`)."""
+        for p in params:
+            owner = self._owner(p)
+            assert owner is not None
+            self.direct_owners.add(id(owner.module))
+            layer, name = self.layers[id(p)][0]
+            why = self._direct.setdefault(
+                (id(owner.module), id(layer)), DirectUse(self._describe(owner.module))
+            )
+            param = next((n for n, q in layer.named_parameters() if q is p), "?")
+            why.uses.setdefault(param, function)
+            self.lift(layer, name, [p], why)
+
     def _active(self) -> bool:
         return self.engine.capturing_forward()
 
@@ -100,12 +245,19 @@ class Lifting:
             self.engine.set_forward_batch_size(None if first is None else first.shape[0])
         batch = self.engine.forward_batch_size()
         batched = batch is not None and any(is_batched(t, batch) for t in tensors)
-        self.frames.append(Frame(module, args, kwargs, batched))
+        frame = Frame(module, args, kwargs, batched)
+        if id(module) in self.direct_owners and not self._watching:
+            self._watching = frame.watching = True
+            self._watch.__enter__()
+        self.frames.append(frame)
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not self.frames or self.frames[-1].module is not module:
             return None
         frame = self.frames.pop()
+        if frame.watching:
+            self._watching = False
+            self._watch.__exit__(None, None, None)
         if not frame.lifted:
             return None
         batch = self.engine.forward_batch_size()
@@ -121,12 +273,14 @@ class Lifting:
             target = self._target(frame.module, list(frame.lifted), layers)
             target.lifted.update(frame.lifted)
             return None
-        clash = [layer for p, (layer, _) in frame.lifted.items() if id(p) in frame.used]
+        clash = {layer: why for p, (layer, why) in frame.lifted.items() if id(p) in frame.used}
         if clash:
+            reasons = "; ".join(f"{layer}: {why}" for layer, why in sorted(clash.items()))
             raise RuntimeError(
-                f"dp_auto: the parameters of {', '.join(sorted(set(clash)))} are used inside "
+                f"dp_auto: the parameters of {', '.join(sorted(clash))} are used inside "
                 f"{self._describe(frame.module)} both with rows that are one per example and with rows that "
-                "are not; their per-example gradients would be counted twice. Give each use its own layer."
+                f"are not ({reasons}); their per-example gradients would be counted twice. Give each use its "
+                "own layer."
             )
         name = self._describe(frame.module)
         for layer, why in frame.lifted.values():
@@ -144,7 +298,7 @@ class Lifting:
         call = TappedCall(self.engine, handle, frame.module, params, name, frame.args, frame.kwargs)
         return call.tap(out, batch)
 
-    def lift(self, layer: nn.Module, name: str, params: list[nn.Parameter], why: str) -> None:
+    def lift(self, layer: nn.Module, name: str, params: list[nn.Parameter], why: str | DirectUse) -> None:
         """Hand ``params`` (used by ``layer`` with rows that are not examples) to an enclosing module."""
         if not params:
             return

@@ -18,8 +18,10 @@ the batched call (up to rounding), else ``M`` does not act on each example indep
 (batch statistics, dropout or other randomness inside it) and the engine refuses, naming ``M``.
 Inputs whose dim 0 is not the micro-batch size are passed whole to every example (e.g. a mask
 shared by the batch). A module none of whose outputs has the micro-batch size as dim 0 (a table
-shared by the batch, tokens flattened or routed) hands its parameters to the nearest enclosing module
-whose inputs do (:mod:`..lift`), where the same computation (:class:`TappedCall`) runs.
+shared by the batch, tokens flattened or routed), or one of whose outputs has rows that are neither the
+examples nor one (WavLM's attention returns its position bias as ``(B * heads, T, T)``), hands its
+parameters to the nearest enclosing module whose inputs do (:mod:`..lift`), where the same computation
+(:class:`TappedCall`) runs.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class TappedCall:
         def call(theta: dict[str, Tensor], example: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             a, kw = list(args), dict(kwargs)
             for (key, _), t, d in zip(leaves, example, in_dims):
-                value = t.unsqueeze(0) if d == 0 else t  # each example as a batch of one
+                value = _example_input(t, d == 0)
                 if isinstance(key, int):
                     a[key] = value
                 else:
@@ -240,6 +242,14 @@ class TappedCall:
                 g = {n: torch.stack([gi[n] for gi, _ in per]) for n in params}
                 outs = tuple(torch.stack([o[k] for _, o in per]) for k in range(len(grads)))
         return g, list(outs)
+
+
+def _example_input(t: Tensor, batched: bool) -> Tensor:
+    """One input of the recomputation: example ``i``'s rows as a batch of one (or a tensor shared by the
+    batch, whole), copied inside the transform. The module may modify its input in place (WavLM's encoder
+    zeroes the padded frames with ``hidden_states[~mask] = 0``): torch.func refuses that on a tensor
+    captured from outside, and it must reach neither the forward's tensors nor the other examples."""
+    return (t.unsqueeze(0) if batched else t).clone()
 
 
 def _without_cache(value: Any) -> Any:
@@ -293,9 +303,13 @@ class ModuleCapture:
             return out
         batch = engine.forward_batch_size() or leaves[tapped[0]].shape[0]
         batched = [k for k in tapped if is_batched(leaves[k], batch)]
-        if not batched:
-            # Rows that are not one per example (a table shared by the batch, tokens flattened or routed):
-            # the nearest enclosing module whose inputs hold one row per example computes the gradients.
+        # Rows other than the examples (an attention's (B * heads, T, T) position bias) cannot be told apart
+        # per example here; a shared scalar or a (1, ...) table is checked in backward below.
+        other_rows = [k for k in tapped if leaves[k].dim() > 0 and leaves[k].shape[0] not in (batch, 1)]
+        if not batched or other_rows:
+            # Rows that are not one per example (a table shared by the batch, tokens flattened or routed, an
+            # output with batch * heads rows): the nearest enclosing module whose inputs hold one row per
+            # example computes the gradients.
             engine.lift(
                 self.module,
                 self.handle.name,
@@ -313,7 +327,7 @@ class ModuleCapture:
         def record(grads: tuple[Tensor, ...]) -> None:
             by_leaf = dict(zip(tapped, grads))
             for k in tapped:
-                # An output without the batch dim (an LSTM's (layers, B, H) state) is fine only while
+                # An output without the batch dim (an LSTM's (1, B, H) state, a scalar) is fine only while
                 # no gradient flows through it: its per-example attribution is unknown.
                 if k not in batched and bool(by_leaf[k].ne(0).any()):
                     got = leaves[k].shape[0] if leaves[k].dim() else 0
