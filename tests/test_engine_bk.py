@@ -713,6 +713,65 @@ def test_llama_rmsnorm_gets_the_one_backward_rule_only_with_its_exact_forward():
     assert [n for n, _ in BookKeepingEngine.fallback_modules(net)] == ["2"]
 
 
+def _phi3_falcon(shifted: bool) -> nn.Module:
+    """Phi-3's RMSNorm and Falcon's FalconLinear (with and without bias), or subclasses with other math."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    class ShiftedNorm(Phi3RMSNorm):
+        def forward(self, hidden_states: Tensor) -> Tensor:
+            return super().forward(hidden_states) + hidden_states
+
+    class DoubledLinear(FalconLinear):
+        def forward(self, input: Tensor) -> Tensor:
+            return super().forward(input) * 2.0
+
+    norm, linear = (ShiftedNorm, DoubledLinear) if shifted else (Phi3RMSNorm, FalconLinear)
+    torch.manual_seed(0)
+    net = nn.Sequential(linear(4, 6), _randomized(norm(6)), nn.Tanh(), linear(6, 3, bias=False))
+    return net.double()
+
+
+def test_phi3_rmsnorm_and_falcon_linear_get_the_layer_rules_only_with_their_exact_forward():
+    assert not BookKeepingEngine.fallback_modules(_phi3_falcon(shifted=False))
+    assert [n for n, _ in BookKeepingEngine.fallback_modules(_phi3_falcon(shifted=True))] == ["0", "1", "3"]
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["exact_forward", "other_forward"])
+def test_phi3_rmsnorm_and_falcon_linear_match_the_per_example_loop(shifted, monkeypatch):
+    """The layer rules on the classes' own forward, the per-module rule on subclasses with other math:
+    exact. The mutation (the forward's check dropped, every such class gets the layer rule) is caught on
+    the subclasses."""
+    from lightning_autodp.engines.rules.hf_rmsnorm import LlamaRMSNormRule
+    from lightning_autodp.engines.rules.linear import FalconLinearRule
+
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss = lambda m, xs: m(xs).pow(2).sum((1, 2))  # noqa: E731
+    weights = torch.rand(5, dtype=torch.float64) + 0.5
+
+    def errors() -> tuple[float, float]:
+        net = _phi3_falcon(shifted)
+        params, grads = _reference(copy.deepcopy(net), x, loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            engine, sq, summed, _ = _engine_outputs(net, x, loss, weights)
+        engine.remove()
+        ref_sq = torch.stack([sum((g**2).sum() for g in gi) for gi in grads])
+        got = torch.cat([summed[p].flatten() for p in net.parameters()])
+        expected = torch.cat(
+            [sum(w * gi[k] for w, gi in zip(weights, grads)).flatten() for k in range(len(params))]
+        )
+        return _rel(sq, ref_sq), _rel(got, expected)
+
+    assert max(errors()) < 1e-10
+    for rule in (LlamaRMSNormRule, FalconLinearRule):
+        monkeypatch.setattr(rule, "unsupported_reason", lambda self, module: None)
+    if shifted:
+        assert min(errors()) > 1e-3
+    else:
+        assert max(errors()) < 1e-10
+
+
 def test_contribution_math_against_explicit_per_example_gradients():
     """The shared math alone (no module, no Lightning): ghost norms with cross terms, row blocks,
     one-hot factors, materialisation by cost and weighted sums vs per-example gradients."""

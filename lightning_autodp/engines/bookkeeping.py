@@ -139,7 +139,7 @@ class BookKeepingEngine(PerSampleEngine):
     """Per-example norms and clipped sums from a single backward pass, no per-example gradients.
 
     Registered rules (``engines/rules/``): ``nn.Linear`` (any number of leading dims),
-    transformers' ``Conv1D``, ``nn.Embedding`` (also with ids shared by the batch),
+    transformers' ``Conv1D`` and ``FalconLinear``, ``nn.Embedding`` (also with ids shared by the batch),
     ``nn.Conv1d``/``nn.Conv2d`` (grouped, depthwise, channels-last), ``nn.LayerNorm``,
     ``nn.GroupNorm``, ``nn.RMSNorm`` and their subclasses, transformers' ``LlamaRMSNorm`` family,
     ``GemmaRMSNorm``, ``T5LayerNorm`` and Gemma's scaled embedding, ``nn.MultiheadAttention``; parameters

@@ -1,4 +1,4 @@
-r"""transformers' ``LlamaRMSNorm`` and its verbatim copies (Mistral, Mixtral, Qwen2, Qwen3).
+r"""transformers' ``LlamaRMSNorm`` and its verbatim copies (Mistral, Mixtral, Qwen2, Qwen3, Phi-3).
 
 .. math:: y = w \odot \mathrm{cast}\big(x_{32} / \sqrt{\mathrm{mean}(x_{32}^2) + \epsilon}\big)
 
@@ -41,6 +41,7 @@ _FAMILIES = (
     ("mixtral", "Mixtral"),
     ("qwen2", "Qwen2"),
     ("qwen3", "Qwen3"),
+    ("phi3", "Phi3"),
 )
 
 

@@ -1,9 +1,12 @@
-r"""``nn.Linear`` (any number of leading dims) and transformers' ``Conv1D`` (GPT-2).
+r"""``nn.Linear`` (any number of leading dims), transformers' ``Conv1D`` (GPT-2) and ``FalconLinear``.
 
 ``nn.Linear``: :math:`y = x W^\top + b`, ``W``: ``(out, in)``; the per-example weight gradient is
 :math:`G_i = b_i^\top a_i` (``L`` = output gradient, ``R`` = input).
 ``Conv1D``: :math:`y = x W + b`, ``W``: ``(in, out)``; :math:`G_i = a_i^\top b_i` (``L`` = input,
 ``R`` = output gradient). Bias: :math:`\sum_t b_{i,t}`.
+``FalconLinear`` (Falcon) overrides ``nn.Linear.forward`` with ``input @ weight.T (+ bias)``, the same
+map: it gets the ``nn.Linear`` rule only while its forward is, token for token, that one
+(:data:`FALCON_LINEAR_FORWARD`); any other version gets the exact per-module rule.
 
 The backward returns only the input gradient: autograd never forms the non-private ``W.grad``.
 """
@@ -94,6 +97,29 @@ class HFConv1DRule(LayerRule):
             return LinearFn.apply(x, module.weight, module.bias, handle, True)
 
         return forward
+
+
+#: the forward of transformers' FalconLinear (4.x to 5.x) that the nn.Linear rule reproduces
+FALCON_LINEAR_FORWARD = """
+def forward(self, input: torch.Tensor) -> torch.Tensor:
+    hidden_states = input @ self.weight.T
+    if self.bias is None:
+        return hidden_states
+    return hidden_states + self.bias
+"""
+_FALCON_EXPECTED = "\n".join(
+    line.rstrip() for line in FALCON_LINEAR_FORWARD.strip().splitlines() if line.strip()
+)
+
+
+@register_rule("transformers.models.falcon.modeling_falcon.FalconLinear")
+class FalconLinearRule(LinearRule):
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        from lightning_autodp.engines.rules.hf_rmsnorm import _normalized_source
+
+        if _normalized_source(type(module).forward) != _FALCON_EXPECTED:
+            return "its forward is not the FalconLinear forward the nn.Linear rule reproduces"
+        return None
 
 
 def _conv1d_class(module: nn.Module) -> type:
