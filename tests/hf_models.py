@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FAMILIES = ("gpt2", "bert", "llama", "vit")
+FAMILIES = (
+    "gpt2", "bert", "llama", "vit", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "falcon", "bloom",
+    "roberta", "distilbert", "clip",
+)  # fmt: skip
 VOCAB, T, CLASSES = 40, 6, 3
 
 Batch = dict[str, Tensor]
@@ -68,6 +71,78 @@ def build(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tuple[n
         model, targets = tf.ViTForImageClassification(cfg), ["q_proj", "v_proj"]
         pixels = torch.randn(n, 3, 8, 8, generator=g)
         batch, loss = {"pixel_values": pixels, "labels": labels}, _cls_loss
+    elif family == "mistral":  # a sliding window shorter than the sequence
+        cfg = tf.MistralConfig(
+            vocab_size=VOCAB, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, sliding_window=4,
+            **small,
+        )  # fmt: skip
+        model, targets = tf.MistralForCausalLM(cfg), ["q_proj", "v_proj"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "qwen2":  # biases on q/k/v
+        cfg = tf.Qwen2Config(vocab_size=VOCAB, max_position_embeddings=16, num_key_value_heads=1, **small)
+        model, targets = tf.Qwen2ForCausalLM(cfg), ["q_proj", "v_proj"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "qwen3":  # RMSNorm on each head's queries and keys
+        cfg = tf.Qwen3Config(
+            vocab_size=VOCAB, max_position_embeddings=16, num_key_value_heads=1, head_dim=8, **small
+        )
+        model, targets = tf.Qwen3ForCausalLM(cfg), ["q_proj", "v_proj"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = tf.Phi3Config(
+            vocab_size=VOCAB, max_position_embeddings=16, original_max_position_embeddings=16,
+            num_key_value_heads=1, pad_token_id=0, bos_token_id=0, eos_token_id=0, **small,
+        )  # fmt: skip
+        model, targets = tf.Phi3ForCausalLM(cfg), ["qkv_proj"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "gpt_neox":  # fused query_key_value, partial rotary, parallel residual
+        cfg = tf.GPTNeoXConfig(
+            vocab_size=VOCAB, max_position_embeddings=16, rotary_pct=0.5, hidden_dropout=0.0,
+            attention_dropout=0.0, **small,
+        )  # fmt: skip
+        model, targets = tf.GPTNeoXForCausalLM(cfg), ["query_key_value"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "falcon":  # multi-query attention, parallel attention, lm_head tied to the embedding
+        cfg = tf.FalconConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        model, targets = tf.FalconForCausalLM(cfg), ["query_key_value"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "bloom":  # ALiBi, a LayerNorm on the embeddings, lm_head tied to the embedding
+        cfg = tf.BloomConfig(
+            vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        model, targets = tf.BloomForCausalLM(cfg), ["query_key_value"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask}, _lm_loss
+    elif family == "roberta":  # positions counted from the padding index
+        cfg = tf.RobertaConfig(
+            vocab_size=VOCAB, max_position_embeddings=16, num_labels=CLASSES, **small, **no_dropout
+        )
+        model, targets = tf.RobertaForSequenceClassification(cfg), ["query", "value"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask, "labels": labels}, _cls_loss
+    elif family == "distilbert":
+        cfg = tf.DistilBertConfig(
+            vocab_size=VOCAB, max_position_embeddings=16, n_layers=2, n_heads=2, dim=16, hidden_dim=32,
+            dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=CLASSES,
+        )  # fmt: skip
+        model, targets = tf.DistilBertForSequenceClassification(cfg), ["q_lin", "v_lin"]
+        batch, loss = {"input_ids": ids, "attention_mask": mask, "labels": labels}, _cls_loss
+    elif family == "clip":  # the vision tower and a classifier on its mean patch state
+        cfg = tf.CLIPConfig(
+            vision_config=dict(
+                image_size=8, patch_size=4, num_channels=3, hidden_size=16, intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=2,
+            ),
+            text_config=dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16),
+            num_labels=CLASSES,
+        )  # fmt: skip
+        model, targets = tf.CLIPForImageClassification(cfg), ["q_proj", "v_proj"]
+        pixels = torch.randn(n, 3, 8, 8, generator=g)
+        batch, loss = {"pixel_values": pixels, "labels": labels}, _cls_loss
     else:
         raise KeyError(family)
     model = model.double()
@@ -97,7 +172,7 @@ def example(batch: Batch, i: int) -> Batch:
 
 #: families whose layers see rows that are not one per example, share weights across rules, or
 #: carry parametrised weights (see docs/how-to/models.md)
-MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral", "whisper", "wav2vec2", "wavlm")
+MORE_FAMILIES = ("t5", "gemma", "swin", "opt", "mixtral", "whisper", "wav2vec2", "wavlm", "deberta_v2")
 
 
 def _seq2seq_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -244,6 +319,12 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
             "labels": torch.randint(1, 8, (n, 3), generator=g),
         }
         loss = _ctc_loss
+    elif family == "deberta_v2":
+        # disentangled relative attention with its own position projections (share_att_key=False): the
+        # relative embeddings (a table shared by the batch) go through LayerNorm and pos_key_proj /
+        # pos_query_proj; DeBERTa-v3's shared keys are refused (test_models_engine.py)
+        model = deberta_v2(share_att_key=False)
+        targets, batch, loss = ["query_proj", "value_proj"], {**lm, "labels": labels}, _cls_loss
     else:
         raise KeyError(family)
     model = model.double()
@@ -257,3 +338,21 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
         model = get_peft_model(model, config)
     model.train()
     return model, batch, loss
+
+
+def deberta_v2(share_att_key: bool) -> nn.Module:
+    """A tiny ``DebertaV2ForSequenceClassification`` with relative attention as DeBERTa-v3 lays it out (c2p
+    and p2c, bucketed positions, LayerNorm on the relative embeddings, no absolute positions).
+    ``share_att_key=True``, the setting of the published DeBERTa-v2/v3 checkpoints, runs each attention's
+    own query/key projections on the relative embeddings; ``False`` gives them projections of their own."""
+    import transformers as tf
+
+    cfg = tf.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=CLASSES, relative_attention=True, pos_att_type=["p2c", "c2p"],
+        position_buckets=4, max_relative_positions=8, share_att_key=share_att_key, norm_rel_ebd="layer_norm",
+        position_biased_input=False, type_vocab_size=0, pooler_dropout=0.0, pooler_hidden_size=16,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=0.3,  # at 0.02 the relative terms barely move the scores: a fault would hide
+    )  # fmt: skip
+    return tf.DebertaV2ForSequenceClassification(cfg)

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_lightning import lightning_step_error
-from hf_models import MORE_FAMILIES, build_more, example
+from hf_models import MORE_FAMILIES, build_more, deberta_v2, example
 from reference import per_example_gradients
 from torch import Tensor, nn
 
@@ -102,7 +102,7 @@ def test_hf_model_with_lora_matches_per_example_loop(family):
     assert norms < _tolerance(family) and sums < _tolerance(family)
 
 
-@pytest.mark.parametrize("family", ["t5", "swin", "opt", "mixtral"])
+@pytest.mark.parametrize("family", ["t5", "swin", "opt", "mixtral", "deberta_v2"])
 def test_fallbacks_are_announced_once_naming_the_layer_and_the_module(family):
     model, batch, loss = build_more(family)
     n = len(next(iter(batch.values())))
@@ -226,6 +226,107 @@ def test_lora_on_wavlm_attention_is_never_called():
     assert adapters and all(p.grad is None for p in adapters)
 
 
+#: DeBERTa's relative embeddings: a (2 * buckets, d) table shared by the batch, through the encoder's
+#: LayerNorm and each attention's own position projections
+DEBERTA_LIFTED = {
+    "deberta.encoder.rel_embeddings (Embedding): deberta.encoder (DebertaV2Encoder) uses its parameters "
+    "directly (weight in F.layer_norm), not through its forward": "deberta.encoder (DebertaV2Encoder)",
+    "deberta.encoder.LayerNorm (LayerNorm): its input does not hold one row per example": "deberta.encoder "
+    "(DebertaV2Encoder)",
+    **{
+        f"deberta.encoder.layer.{i}.attention.self.{p} (Linear): its input does not hold one row per "
+        "example": f"deberta.encoder.layer.{i}.attention.self (DisentangledSelfAttention)"
+        for i in "01"
+        for p in ("pos_key_proj", "pos_query_proj")
+    },
+}
+
+
+def test_deberta_relative_embeddings_are_lifted_and_announced():
+    """The relative embeddings' table and LayerNorm at the encoder, the position projections at their
+    attention: each announced once, naming the layer, the reason and the module."""
+    model, batch, loss = build_more("deberta_v2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = make_engine("bk", model)
+        engine.expect_batch_size(len(batch["input_ids"]))
+        with engine.capturing():
+            loss(model, batch).sum().backward()
+        engine.per_sample_squared_norms()
+        engine.remove()
+    announced = sorted(str(w.message) for w in caught if "dp_auto" in str(w.message))
+    expected = sorted(
+        f"dp_auto: engine='bk': layer {layer}; its per-example gradients are computed exactly with "
+        f"torch.func on the enclosing module {module}, whose inputs hold one row per example (one vmap of "
+        "that module per call, in the same backward)."
+        for layer, module in DEBERTA_LIFTED.items()
+    )
+    assert announced == expected
+
+
+#: DeBERTa-v2/v3's pretrained layout (share_att_key=True): each attention's query_proj and key_proj run on
+#: the tokens and on the relative embeddings shared by the batch
+DEBERTA_SHARED_KEYS = (
+    r"dp_auto: the parameters of deberta\.encoder\.layer\.0\.attention\.self\.key_proj \(Linear\), "
+    r"deberta\.encoder\.layer\.0\.attention\.self\.query_proj \(Linear\) are used inside "
+    r"deberta\.encoder\.layer\.0\.attention\.self \(DisentangledSelfAttention\) both with rows that are one "
+    r"per example and with rows that are not .* Give each use its own layer, or freeze these layers "
+    r"\(requires_grad_\(False\); with peft, leave them out of target_modules\)\."
+)
+
+
+@pytest.mark.parametrize("engine_name", ["bk", "ghost"])
+def test_deberta_with_shared_attention_keys_is_refused_naming_the_layers(engine_name):
+    model = deberta_v2(share_att_key=True).double().train()
+    _, batch, loss = build_more("deberta_v2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        engine = make_engine(engine_name, model)
+    engine.expect_batch_size(len(batch["input_ids"]))
+    with pytest.raises(RuntimeError, match=DEBERTA_SHARED_KEYS), engine.capturing():
+        loss(model, batch).sum().backward()
+    engine.remove()
+
+
+def test_deberta_with_shared_attention_keys_refused_before_the_first_update():
+    """In a fit: the first step's backward raises, and no parameter has moved."""
+    model = deberta_v2(share_att_key=True).double().train()
+    _, batch, loss = build_more("deberta_v2")
+    before = [p.detach().clone() for p in model.parameters()]
+    refused = (
+        r"model\.deberta\.encoder\.layer\.0\.attention\.self\.key_proj \(Linear\), .* both with rows that "
+        r"are one per example and with rows that are not .* or freeze these layers"
+    )
+    with pytest.raises(RuntimeError, match=refused):
+        lightning_step_error(model, batch, loss)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("fix", ["frozen", "lora"])
+def test_deberta_with_shared_attention_keys_trains_with_the_fix_the_error_names(fix):
+    """Frozen query_proj/key_proj, or peft LoRA on value_proj (the base layers frozen): exact."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = deberta_v2(share_att_key=True).double()
+    if fix == "frozen":
+        for name, p in model.named_parameters():
+            p.requires_grad_("query_proj" not in name and "key_proj" not in name)
+    else:
+        config = LoraConfig(
+            r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["value_proj"], init_lora_weights=False
+        )
+        model = get_peft_model(model, config)
+    model.train()
+    _, batch, loss = build_more("deberta_v2")
+    norms, sums = _errors(
+        _compare(
+            model, lambda m: loss(m, batch).sum(), lambda m, i: loss(m, example(batch, i)).sum(), 4, "bk"
+        )
+    )
+    assert norms < 1e-10 and sums < 1e-10
+
+
 # ------------------------------------------------------------------------------ mutations
 
 
@@ -272,7 +373,9 @@ def test_dropping_the_cross_term_of_a_tied_weight_is_caught(family, engine_name,
     assert norms > 1e-3
 
 
-@pytest.mark.parametrize("family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2", "wavlm"])
+@pytest.mark.parametrize(
+    "family", ["t5", "opt", "swin", "mixtral", "whisper", "wav2vec2", "wavlm", "deberta_v2"]
+)
 def test_attributing_the_summed_gradient_of_a_lifted_layer_is_caught(family, monkeypatch):
     """The fault: every example gets the batch's mean output gradient at the enclosing module (what a
     rule that cannot tell the rows apart would attribute), or at the owning module under the per-module
@@ -413,7 +516,7 @@ def test_a_second_power_iteration_in_the_recomputation_is_caught(monkeypatch):
 # ------------------------------------------------------------------------------ a Lightning fit
 
 
-@pytest.mark.parametrize("family", ["t5", "gemma", "swin", "whisper", "wav2vec2", "wavlm"])
+@pytest.mark.parametrize("family", ["t5", "gemma", "swin", "whisper", "wav2vec2", "wavlm", "deberta_v2"])
 def test_lightning_step_with_verification_matches_per_example_loop(family):
     """One DP-SGD step (sigma = 0, AUTO-S) of a fit with engine='auto' and verify on (the default)."""
     model, batch, loss = build_more(family)

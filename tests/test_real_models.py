@@ -1,12 +1,16 @@
-"""transformers GPT-2, BERT, Llama and ViT (tiny random configs, full and LoRA) against a per-example loop.
+"""transformers models whose layers the layer rules cover (tiny random configs, full and LoRA) against a
+per-example loop: GPT-2, BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Qwen3, Phi-3, GPT-NeoX, Falcon,
+BLOOM, ViT and CLIP's vision tower.
 
 Each example alone through the model, its own backward, in float64: the engines' per-example norms
-and weighted sums, and one DP-SGD step of a Lightning fit (sigma = 0), must match it.
+and weighted sums, and one DP-SGD step of a Lightning fit (sigma = 0), must match it. Every layer but
+ViT's and CLIP's class token and positions gets a layer rule (nothing else is announced).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -64,3 +68,36 @@ def test_lightning_step_matches_per_example_loop(family):
     """One DP-SGD step (sigma = 0, AUTO-S) of a Lightning fit with engine='auto' on a dict batch."""
     model, batch, loss = build(family)
     assert lightning_step_error(model, batch, loss) < 1e-6  # p - (p - u) loses digits where u << p
+
+
+#: the fallbacks each family announces at the engine's construction (the per-module rule), full fine-tune;
+#: every other family, and every family with LoRA, announces nothing
+ANNOUNCED = {
+    "vit": r"vit\.embeddings \(ViTEmbeddings; parameters cls_token, position_embeddings\): no layer rule",
+    "clip": r"vision_model\.embeddings \(CLIPVisionEmbeddings; parameters class_embedding\): no layer rule",
+}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_rules_capture_every_layer_but_the_announced_ones(family, lora):
+    """Two steps: nothing is handed to a torch.func rule but the announced class token and positions
+    (Phi-3's RMSNorm and Falcon's FalconLinear get the layer rules of their Llama and nn.Linear twins)."""
+    model, batch, loss = build(family, lora)
+    n = len(next(iter(batch.values())))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = make_engine("bk", model)
+        for _ in range(2):
+            engine.expect_batch_size(n)
+            with engine.capturing():
+                loss(model, batch).sum().backward()
+            engine.per_sample_squared_norms()
+            engine.reset()
+        engine.remove()
+    announced = [str(w.message) for w in caught if "dp_auto" in str(w.message)]
+    expected = None if lora else ANNOUNCED.get(family)
+    if expected is None:
+        assert not announced
+    else:
+        assert len(announced) == 1 and re.search(expected, announced[0])

@@ -280,7 +280,8 @@ class Lifting:
                 f"dp_auto: the parameters of {', '.join(sorted(clash))} are used inside "
                 f"{self._describe(frame.module)} both with rows that are one per example and with rows that "
                 f"are not ({reasons}); their per-example gradients would be counted twice. Give each use its "
-                "own layer."
+                "own layer, or freeze these layers (requires_grad_(False); with peft, leave them out of "
+                "target_modules)."
             )
         name = self._describe(frame.module)
         for layer, why in frame.lifted.values():
