@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import platform
@@ -99,7 +100,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
     out += [
         "",
-        f"{meta['pairs']} interleaved pairs per model after {meta['warmup']} uncounted ones, medians; torch "
+        f"{meta.get('date', 'undated')}: {meta['pairs']} interleaved pairs per model after "
+        f"{meta['warmup']} uncounted ones, medians; torch "
         f"{meta['torch']}, {meta['cpu']}, {meta['threads']} threads. Engine `bk`, AUTO-S; no optimizer step. "
         "`forward_backward` skips the weight gradients; `clipped_sum` computes them, weighted per example.",
         "",
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         torch=torch.__version__,
         cpu=f"{platform.processor() or platform.machine()}",
+        date=datetime.date.today().isoformat(),
     )
     Path(args.out + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     Path(args.out + ".md").write_text(markdown(rows, meta))
