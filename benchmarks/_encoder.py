@@ -1,8 +1,10 @@
-"""What ``benchmarks/compile.py`` and ``benchmarks/physical_batch.py`` share.
+"""What the benchmark scripts share.
 
-Both train ``benchmarks/run.py``'s ``Encoder`` (a token tagger) under ``dp_auto`` and write a
-Markdown table and a JSON file of results: the encoder's size arguments, the model and its
-LightningModule, the device label and the results files are here, the measurements in each script.
+``benchmarks/compile.py`` and ``benchmarks/physical_batch.py`` train ``benchmarks/run.py``'s
+``Encoder`` (a token tagger) under ``dp_auto`` and write a Markdown table and a JSON file of results:
+the encoder's size arguments, the model and its LightningModule, the device label and the results
+files are here, the measurements in each script. ``benchmarks/secure_noise.py`` uses the device and
+results helpers, ``benchmarks/phases.py`` the loader of ``run.py``.
 The scripts import it from their own folder (``python benchmarks/compile.py`` puts it first on
 ``sys.path``).
 """

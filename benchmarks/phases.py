@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 import statistics
@@ -31,18 +30,12 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the shared benchmark helpers, also when this file is loaded by path
 
+import _encoder  # noqa: E402
 
-def _load_run() -> Any:
-    """``benchmarks/run.py`` (its models, ``bk_gradient``) by path: ``run`` is too common a name to import."""
-    spec = importlib.util.spec_from_file_location("benchmarks_run", HERE / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load_run()
+#: ``benchmarks/run.py`` (its models, ``bk_gradient``), loaded by path: ``run`` is too common a name
+run = _encoder.run_module()
 DEFAULT_MODELS = ("hf_gpt2", "hf_llama", "hf_bert", "hf_vit")
 
 

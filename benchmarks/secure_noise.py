@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _encoder
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -73,20 +72,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _encoder.add_device_argument(parser)
     parser.add_argument("--coordinates", type=int, default=1 << 20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--tiny", action="store_true", help="a few thousand coordinates: checks that it runs")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="results prefix (default benchmarks/results/...)"
-    )
+    _encoder.add_out_argument(parser)
     args = parser.parse_args()
     if args.tiny:
         args.coordinates, args.repeats = 4096, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})"
+    name = _encoder.device_label(args.device)
     rows = [
         dict(generator=key, s_per_million=time_per_million(draw, args.coordinates, args.repeats, device))
         for key, draw in generators(device).items()
@@ -106,12 +103,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "cuda_" + name.replace(" ", "_") if device.type == "cuda" else "cpu"
-    prefix = args.out or HERE / "results" / f"secure_noise_{datetime.date.today()}_{tag}"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=name, torch=torch.__version__, args={k: str(v) for k, v in vars(args).items()})
-    Path(str(prefix) + ".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    Path(str(prefix) + ".md").write_text(text)
+    _encoder.write_results("secure_noise", args, name, rows, text)
 
 
 if __name__ == "__main__":
