@@ -7,6 +7,7 @@ engine with a per-example loop (each example alone through the model, its own ba
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -150,17 +151,44 @@ def build(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tuple[n
         with torch.no_grad():
             model.vit.embeddings.cls_token.normal_(generator=g)
             model.vit.embeddings.position_embeddings.normal_(generator=g)
+    model, batch = _float64_batch_and_adapter(model, batch, targets if lora else None, family == "gpt2")
+    return model, batch, loss
+
+
+def _float64_batch_and_adapter(
+    model: nn.Module, batch: Batch, lora_targets: list[str] | None, fan_in_fan_out: bool = False
+) -> tuple[nn.Module, Batch]:
+    """``batch`` in float64, a peft LoRA adapter on ``lora_targets`` (None: none), the model in train mode."""
     batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
-    if lora:
+    if lora_targets is not None:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets,
-            fan_in_fan_out=family == "gpt2", init_lora_weights=False,
+            r=2, lora_alpha=4, lora_dropout=0.0, target_modules=lora_targets,
+            fan_in_fan_out=fan_in_fan_out, init_lora_weights=False,
         )  # fmt: skip
         model = get_peft_model(model, config)
     model.train()
-    return model, batch, loss
+    return model, batch
+
+
+def warnings_per_step(
+    engine, model: nn.Module, batch: Batch, loss: LossFn, steps: int = 2
+) -> list[list[str]]:
+    """The messages of the warnings each of ``steps`` captured steps raises (forward, backward and the
+    per-example norms, which refuse a gradient that escaped the engine), one list per step."""
+    n = len(next(iter(batch.values())))
+    per_step = []
+    for _ in range(steps):
+        engine.expect_batch_size(n)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with engine.capturing():
+                loss(model, batch).sum().backward()
+            engine.per_sample_squared_norms()
+        engine.reset()
+        per_step.append([str(w.message) for w in caught])
+    return per_step
 
 
 def example(batch: Batch, i: int) -> Batch:
@@ -327,16 +355,7 @@ def build_more(family: str, lora: bool = False, n: int = 4, seed: int = 0) -> tu
         targets, batch, loss = ["query_proj", "value_proj"], {**lm, "labels": labels}, _cls_loss
     else:
         raise KeyError(family)
-    model = model.double()
-    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, init_lora_weights=False
-        )
-        model = get_peft_model(model, config)
-    model.train()
+    model, batch = _float64_batch_and_adapter(model.double(), batch, targets if lora else None)
     return model, batch, loss
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_lightning import lightning_step_error
-from hf_models import MORE_FAMILIES, build_more, deberta_v2, example
+from hf_models import MORE_FAMILIES, build_more, deberta_v2, example, warnings_per_step
 from reference import per_example_gradients
 from torch import Tensor, nn
 
@@ -105,20 +105,12 @@ def test_hf_model_with_lora_matches_per_example_loop(family):
 @pytest.mark.parametrize("family", ["t5", "swin", "opt", "mixtral", "deberta_v2"])
 def test_fallbacks_are_announced_once_naming_the_layer_and_the_module(family):
     model, batch, loss = build_more(family)
-    n = len(next(iter(batch.values())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         engine = make_engine("bk", model)
-    messages = []
-    for _ in range(2):
-        engine.expect_batch_size(n)
-        with warnings.catch_warnings(record=True) as caught, engine.capturing():
-            warnings.simplefilter("always")
-            loss(model, batch).sum().backward()
-        messages += [str(w.message) for w in caught if "enclosing module" in str(w.message)]
-        engine.per_sample_squared_norms()
-        engine.reset()
+    steps = warnings_per_step(engine, model, batch, loss)
     engine.remove()
+    messages = [m for step in steps for m in step if "enclosing module" in m]
     assert messages, "no fallback announced"
     assert len(messages) == len(set(messages))  # once per layer, not once per step
     assert all("computed exactly with torch.func on the enclosing module" in m for m in messages)
@@ -139,7 +131,6 @@ def test_speech_models_announce_their_per_module_layer_once(family):
     """Announced once, at the engine's construction, naming the layer and its parameters; no layer is
     handed to an enclosing module in the steps, and LoRA on q/v leaves nothing to announce."""
     model, batch, loss = build_more(family)
-    n = len(next(iter(batch.values())))
     with pytest.warns(
         UserWarning, match=r"engine='bk' computes exact per-example gradients with torch\.func"
     ) as caught:
@@ -147,15 +138,9 @@ def test_speech_models_announce_their_per_module_layer_once(family):
     announced = [str(w.message) for w in caught if "torch.func" in str(w.message)]
     assert len(announced) == 1
     assert re.search(SPEECH_FALLBACKS[family], announced[0])
-    for _ in range(2):
-        engine.expect_batch_size(n)
-        with warnings.catch_warnings(record=True) as steps, engine.capturing():
-            warnings.simplefilter("always")
-            loss(model, batch).sum().backward()
-        assert not [w for w in steps if "dp_auto" in str(w.message)]
-        engine.per_sample_squared_norms()
-        engine.reset()
+    steps = warnings_per_step(engine, model, batch, loss)
     engine.remove()
+    assert not [m for step in steps for m in step if "dp_auto" in m]
     lora, _, _ = build_more(family, lora=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -182,20 +167,12 @@ def test_wavlm_attention_is_found_using_its_projections_directly_and_announced_o
     nothing and is exact too (only the attentions are watched). LoRA on the feed-forward announces
     nothing."""
     model, batch, loss = build_more("wavlm")
-    n = len(next(iter(batch.values())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         engine = make_engine("bk", model)
-    messages = []
-    for _ in range(2):
-        engine.expect_batch_size(n)
-        with warnings.catch_warnings(record=True) as caught, engine.capturing():
-            warnings.simplefilter("always")
-            loss(model, batch).sum().backward()
-        messages.append([str(w.message) for w in caught if "dp_auto" in str(w.message)])
-        engine.per_sample_squared_norms()  # refuses parameters whose gradient escaped the engine
-        engine.reset()
+    steps = warnings_per_step(engine, model, batch, loss)
     engine.remove()
+    messages = [[m for m in step if "dp_auto" in m] for step in steps]
     direct = [re.match(r"dp_auto: engine='bk': " + WAVLM_DIRECT, m) for m in messages[0]]
     found = sorted((d.group(1), d.group(2)) for d in direct if d)
     assert found == sorted((i, p) for i in "01" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
@@ -204,12 +181,9 @@ def test_wavlm_attention_is_found_using_its_projections_directly_and_announced_o
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = make_engine("bk", lora)
-        engine.expect_batch_size(n)
-        with engine.capturing():
-            loss(lora, batch).sum().backward()
-        engine.per_sample_squared_norms()
+        (step,) = warnings_per_step(engine, lora, batch, loss, steps=1)
         engine.remove()
-    assert not [w for w in caught if "dp_auto" in str(w.message)]
+    assert not [m for m in [str(w.message) for w in caught] + step if "dp_auto" in m]
 
 
 def test_lora_on_wavlm_attention_is_never_called():
@@ -249,12 +223,9 @@ def test_deberta_relative_embeddings_are_lifted_and_announced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = make_engine("bk", model)
-        engine.expect_batch_size(len(batch["input_ids"]))
-        with engine.capturing():
-            loss(model, batch).sum().backward()
-        engine.per_sample_squared_norms()
+        (step,) = warnings_per_step(engine, model, batch, loss, steps=1)
         engine.remove()
-    announced = sorted(str(w.message) for w in caught if "dp_auto" in str(w.message))
+    announced = sorted(m for m in [str(w.message) for w in caught] + step if "dp_auto" in m)
     expected = sorted(
         f"dp_auto: engine='bk': layer {layer}; its per-example gradients are computed exactly with "
         f"torch.func on the enclosing module {module}, whose inputs hold one row per example (one vmap of "

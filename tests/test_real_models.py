@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 from hf_lightning import lightning_step_error, max_relative_error
-from hf_models import FAMILIES, build, example
+from hf_models import FAMILIES, build, example, warnings_per_step
 from reference import per_example_gradients
 from torch import Tensor, nn
 
@@ -84,18 +84,12 @@ def test_layer_rules_capture_every_layer_but_the_announced_ones(family, lora):
     """Two steps: nothing is handed to a torch.func rule but the announced class token and positions
     (Phi-3's RMSNorm and Falcon's FalconLinear get the layer rules of their Llama and nn.Linear twins)."""
     model, batch, loss = build(family, lora)
-    n = len(next(iter(batch.values())))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = make_engine("bk", model)
-        for _ in range(2):
-            engine.expect_batch_size(n)
-            with engine.capturing():
-                loss(model, batch).sum().backward()
-            engine.per_sample_squared_norms()
-            engine.reset()
+        steps = warnings_per_step(engine, model, batch, loss)
         engine.remove()
-    announced = [str(w.message) for w in caught if "dp_auto" in str(w.message)]
+    announced = [m for m in [str(w.message) for w in caught] + sum(steps, []) if "dp_auto" in m]
     expected = None if lora else ANNOUNCED.get(family)
     if expected is None:
         assert not announced
