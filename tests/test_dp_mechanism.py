@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -184,4 +185,4 @@ def test_the_configuration_resolves_gamma_and_is_read_only():
     assert DPConfig().gamma == 1.0 and DPConfig(clipping="auto_s").gamma == 0.01
     with pytest.raises(AttributeError):
         DPConfig().clipping = "abadi"  # type: ignore[misc]
-    assert DPConfig().replace(engine="bk").engine == "bk"
+    assert dataclasses.replace(DPConfig(), engine="bk").engine == "bk"

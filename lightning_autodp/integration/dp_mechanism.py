@@ -29,7 +29,6 @@ Messages go through Lightning's rank-zero logging, as the strategies' own.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -121,10 +120,6 @@ class DPConfig:
             raise ValueError(f"bucket_cap_mb must be a positive number of megabytes, got {cap!r}.")
         object.__setattr__(self, "bucket_cap_mb", float(cap))
         check_max_physical_batch_size(self.max_physical_batch_size)
-
-    def replace(self, **changes: Any) -> DPConfig:
-        """A copy with ``changes`` applied (and validated)."""
-        return dataclasses.replace(self, **changes)
 
 
 class DPMechanism:
@@ -340,15 +335,21 @@ class DPMechanism:
         loader = self.poisson_loader
         return loader.batch_sampler if loader is not None else None
 
-    @property
-    def expected_batch_size(self) -> float:
-        """``B = q * N``, the expected number of examples per optimizer step (all ranks)."""
-        if self.sample_rate is None or self.dataset_size is None:
+    def require_sample_rate(self) -> float:
+        """``q``, or a ``RuntimeError`` saying when it becomes known."""
+        if self.sample_rate is None:
             raise RuntimeError(
                 "dp_auto's sample rate is known once the training DataLoader has been set up "
                 "(from on_train_start, or after trainer.estimated_stepping_batches)."
             )
-        return self.sample_rate * self.dataset_size
+        return self.sample_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``B = q * N``, the expected number of examples per optimizer step (all ranks)."""
+        q = self.require_sample_rate()
+        assert self.dataset_size is not None  # set with q (see sample)
+        return q * self.dataset_size
 
     # ------------------------------------------------------------------ 4. sigma
 

@@ -393,12 +393,7 @@ class DPAutoStrategy(DDPStrategy):
     @property
     def sample_rate(self) -> float:
         """``q``: the probability that one example enters one optimizer step (all ranks)."""
-        if self.mechanism.sample_rate is None:
-            raise RuntimeError(
-                "dp_auto's sample rate is known once the training DataLoader has been set up "
-                "(from on_train_start, or after trainer.estimated_stepping_batches)."
-            )
-        return self.mechanism.sample_rate
+        return self.mechanism.require_sample_rate()
 
     @property
     def expected_batch_size(self) -> float:
